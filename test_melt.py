@@ -1,0 +1,322 @@
+"""Tests for melt.py: memory against loop count, cached decoding, chunking, alpha, the gate.
+
+Numerical claims are checked against `naive_forward` below: a per-token, per-head
+reference written from the spec in float64, sharing no code with melt.py.
+"""
+import math
+
+import pytest
+import torch
+
+from melt import MELT, MELTConfig, exit_distribution
+
+TINY = dict(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+            n_hidden=48, n_loops=3, rope_theta=10000.0, chunk_size=4)
+
+
+def tiny_model(cache='melt', seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = MELT(MELTConfig(**{**TINY, 'cache': cache, **overrides}))
+    with torch.no_grad():  # give every weight, norms and gates included, a visible effect
+        for name, p in model.named_parameters():
+            if 'norm' in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_((0.3 if 'kv_gate' in name else 0.15) * torch.randn_like(p))
+    return model.eval()
+
+
+def loop_and_melt_pair(seed=0):
+    """A LoopLM and a MELT model with the same base weights."""
+    loop_model = tiny_model('loop', seed)
+    melt_model = tiny_model('melt', seed + 1)
+    missing, unexpected = melt_model.load_state_dict(loop_model.state_dict(), strict=False)
+    assert all('kv_gate' in k for k in missing) and not unexpected
+    return loop_model, melt_model
+
+
+def tokens(n, seed=1, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY['vocab_size'], (batch, n), generator=g)
+
+
+# ----------------------------------------------------------------------------------------
+# the independent reference
+
+def naive_forward(model, ids, loops, schedule, kv='gated'):
+    """Final-loop logits (T, V) for one sequence, token by token, head by head, in float64.
+    schedule: the chunk sizes, in order. kv: 'gated' = MELT (one K/V row per token, final
+    once its chunk is done; h^1 = x^1, then the gate), 'open' = keys/values from x but
+    still one final row per token (Ouro's last-loop cache sharing), 'loop' = LoopLM (at
+    loop t every token attends to the loop-t K/V of earlier tokens)."""
+    c = model.config
+    W = {k: v.double() for k, v in model.state_dict().items()}
+    d, nh, nkv = c.n_embd, c.n_head, c.n_kv_head
+    hd = d // nh
+
+    def rms(x, w):
+        return w * x / torch.sqrt((x * x).mean() + c.norm_eps)
+
+    def rope(vec, pos):  # vec: (hd,), pair i with i + hd/2
+        half = hd // 2
+        ang = torch.tensor([pos * c.rope_theta ** (-2 * i / hd) for i in range(half)], dtype=torch.float64)
+        a, b = vec[:half], vec[half:]
+        return torch.cat([a * torch.cos(ang) - b * torch.sin(ang), b * torch.cos(ang) + a * torch.sin(ang)])
+
+    def heads(vec, n):
+        return [vec[i * hd:(i + 1) * hd] for i in range(n)]
+
+    final = [[] for _ in range(c.n_layer)]  # per layer: (k_heads, v_heads) of finished tokens
+    per_loop = [[[] for _ in range(c.n_layer)] for _ in range(loops)]
+    out, pos = [], 0
+    for size in schedule:
+        states = [W['embed_tokens.weight'][t] for t in ids[pos:pos + size]]
+        latent = [[None] * c.n_layer for _ in states]
+        last_kv = [None] * c.n_layer
+        for t in range(loops):
+            for l in range(c.n_layer):
+                p = f'layers.{l}.'
+                xs = [rms(s, W[p + 'attn_norm_in.weight']) for s in states]
+                for i, x in enumerate(xs):
+                    h = latent[i][l]
+                    if kv == 'gated' and h is not None:
+                        z = torch.sigmoid(W[p + 'attn.kv_gate.w_z.weight'] @ x
+                                          + W[p + 'attn.kv_gate.u_z.weight'] @ h + W[p + 'attn.kv_gate.b_z'])
+                        latent[i][l] = z * h + (1 - z) * x
+                    else:
+                        latent[i][l] = x
+                chunk_kv = []
+                for i in range(size):
+                    k = [rope(v, pos + i) for v in heads(W[p + 'attn.k_proj.weight'] @ latent[i][l], nkv)]
+                    v = heads(W[p + 'attn.v_proj.weight'] @ latent[i][l], nkv)
+                    chunk_kv.append((k, v))
+                past = per_loop[t][l] if kv == 'loop' else final[l]
+                attn = []
+                for i, x in enumerate(xs):
+                    q = [rope(v, pos + i) for v in heads(W[p + 'attn.q_proj.weight'] @ x, nh)]
+                    seen = past + chunk_kv[:i + 1]
+                    ys = []
+                    for hq in range(nh):
+                        g = hq // (nh // nkv)
+                        scores = torch.stack([q[hq] @ k[g] for k, _ in seen]) / math.sqrt(hd)
+                        w = torch.softmax(scores, dim=0)
+                        ys.append(sum(wj * v[g] for wj, (_, v) in zip(w, seen)))
+                    attn.append(W[p + 'attn.o_proj.weight'] @ torch.cat(ys))
+                for i in range(size):
+                    s = states[i] + rms(attn[i], W[p + 'attn_norm_out.weight'])
+                    m = rms(s, W[p + 'mlp_norm_in.weight'])
+                    m = W[p + 'mlp.down_proj.weight'] @ (torch.nn.functional.silu(W[p + 'mlp.gate_proj.weight'] @ m)
+                                                         * (W[p + 'mlp.up_proj.weight'] @ m))
+                    states[i] = s + rms(m, W[p + 'mlp_norm_out.weight'])
+                per_loop[t][l] += chunk_kv
+                last_kv[l] = chunk_kv
+            states = [rms(s, W['norm.weight']) for s in states]
+        for l in range(c.n_layer):
+            final[l] += last_kv[l]
+        out += [W['lm_head.weight'] @ s for s in states]
+        pos += size
+    return torch.stack(out).float()
+
+
+def decode(model, ids, loops, prefill=None, chunk_size=None):
+    """Logits from a cache: `prefill` tokens in one call (chunked), the rest one at a time."""
+    cache = model.new_cache(ids.size(0), loops)
+    prefill = prefill or 0
+    out = []
+    if prefill:
+        out.append(model(ids[:, :prefill], loops=loops, cache=cache, chunk_size=chunk_size)[0])
+    for i in range(prefill, ids.size(1)):
+        out.append(model(ids[:, i:i + 1], loops=loops, cache=cache)[0])
+    return torch.cat(out, dim=1), cache
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------
+# memory against loop count
+
+@pytest.mark.parametrize('mode', ['melt', 'loop'])
+def test_cache_bytes_against_loop_count(mode):
+    model = tiny_model(mode)
+    c = model.config
+    ids = tokens(10)
+    one_loop_bytes = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * 10 * 4  # fp32
+    for loops in (1, 2, 4, 8):
+        cache = model.new_cache(1, loops)
+        model(ids, loops=loops, cache=cache)
+        expected = one_loop_bytes * (1 if mode == 'melt' else loops)
+        assert cache.nbytes == expected, (loops, cache.nbytes, expected)
+        assert c.kv_bytes_per_token(loops, bytes_per_element=4) * 10 == expected
+        shapes = {tuple(t.shape) for t in cache.tensors()}
+        assert shapes == {(1, c.n_kv_head, 10, c.n_embd // c.n_head)}
+
+
+# ----------------------------------------------------------------------------------------
+# the LoopLM
+
+def test_looplm_forward_matches_naive_reference():
+    model = tiny_model('loop')
+    ids = tokens(9)
+    for loops in (1, 3):
+        ref = naive_forward(model, ids[0].tolist(), loops, [9], kv='loop')
+        assert max_diff(model(ids, loops=loops)[0][0], ref) < 1e-4
+
+
+def test_looplm_decode_equals_full_forward_and_chunking_is_exact():
+    model = tiny_model('loop')
+    ids = tokens(12, batch=2)
+    full, _ = model(ids)
+    assert max_diff(decode(model, ids, 3)[0], full) <= 1e-5
+    assert max_diff(decode(model, ids, 3, prefill=5, chunk_size=2)[0], full) <= 1e-5
+    for chunk_size in (1, 3, 5, 12):
+        assert max_diff(model(ids, chunk_size=chunk_size)[0], full) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# MELT
+
+def test_melt_chunked_forward_matches_naive_reference():
+    model = tiny_model('melt')
+    ids = tokens(10)
+    for chunk_size in (1, 4, 10):
+        schedule = [min(chunk_size, 10 - i) for i in range(0, 10, chunk_size)]
+        ref = naive_forward(model, ids[0].tolist(), 3, schedule, kv='gated')
+        assert max_diff(model(ids, chunk_size=chunk_size)[0][0], ref) < 1e-4, chunk_size
+    # chunking changes MELT's result (it is an approximation of sequential decoding)
+    assert max_diff(model(ids, chunk_size=1)[0], model(ids, chunk_size=10)[0]) > 1e-3
+
+
+def test_melt_decode_equals_forward_with_chunk_size_1():
+    model = tiny_model('melt')
+    ids = tokens(12, batch=2)
+    for loops in (1, 3, 5):
+        decoded, cache = decode(model, ids, loops)
+        assert max_diff(decoded, model(ids, loops=loops, chunk_size=1)[0]) <= 1e-5
+        assert cache.length == 12 and cache.loops_run == [loops] * 12
+
+
+def test_melt_prefill_chunked_then_decode():
+    model = tiny_model('melt')
+    ids = tokens(12)
+    logits, _ = decode(model, ids, 3, prefill=8, chunk_size=4)
+    assert max_diff(logits[:, :8], model(ids[:, :8], chunk_size=4)[0]) <= 1e-5
+    ref = naive_forward(model, ids[0].tolist(), 3, [4, 4, 1, 1, 1, 1], kv='gated')
+    assert max_diff(logits[0], ref) < 1e-4
+
+
+def test_gate_forced_open_is_last_loop_sharing():
+    model = tiny_model('melt')
+    with torch.no_grad():
+        for gate in model.gate_modules():
+            gate.b_z.fill_(-1e4)  # z = sigmoid(-1e4) = 0 exactly in fp32, so h = x
+    ids = tokens(8)
+    ref = naive_forward(model, ids[0].tolist(), 3, [1] * 8, kv='open')
+    assert max_diff(model(ids, chunk_size=1)[0][0], ref) < 1e-4
+    # and it is not the full LoopLM, whose tokens see every loop's K/V of earlier tokens
+    ref_loop = naive_forward(model, ids[0].tolist(), 3, [8], kv='loop')
+    assert max_diff(ref, ref_loop) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# alpha (phase 1) and the two modes
+
+def test_alpha_ends_are_the_two_models():
+    loop_model, melt_model = loop_and_melt_pair()
+    ids = tokens(12, batch=2)
+    loop_logits, _ = loop_model(ids)
+    melt_logits, _ = melt_model(ids, chunk_size=4)
+    assert max_diff(melt_model(ids, alpha=0.0, chunk_size=4)[0], loop_logits) <= 1e-5
+    assert max_diff(melt_model(ids, alpha=1.0, chunk_size=4)[0], melt_logits) == 0
+    middle, _ = melt_model(ids, alpha=0.5, chunk_size=4)
+    assert max_diff(middle, loop_logits) > 1e-3 and max_diff(middle, melt_logits) > 1e-3
+    # alpha decoding with a phase-1 cache keeps both K/V kinds and matches chunk_size=1
+    cache = melt_model.new_cache(2, alpha=0.5)
+    steps = torch.cat([melt_model(ids[:, i:i + 1], cache=cache)[0] for i in range(12)], dim=1)
+    assert max_diff(steps, melt_model(ids, alpha=0.5, chunk_size=1)[0]) <= 1e-5
+    assert cache.nbytes == melt_model.config.kv_bytes_per_token(bytes_per_element=4) * 2 * 12 * (1 + 3)
+
+
+def test_one_loop_is_the_same_in_both_modes():
+    loop_model, melt_model = loop_and_melt_pair()
+    ids = tokens(12)
+    assert max_diff(loop_model(ids, loops=1)[0], melt_model(ids, loops=1, chunk_size=1)[0]) <= 1e-5
+    assert max_diff(loop_model(ids, loops=1)[0], melt_model(ids, loops=1, chunk_size=5)[0]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# training signals
+
+def test_exit_distribution_hand_worked():
+    lam = torch.tensor([0.5, 0.2, 0.9])  # the last loop's own lambda does not matter
+    p = exit_distribution(torch.logit(lam))
+    expected = torch.tensor([0.5, 0.5 * 0.2, 0.5 * 0.8])
+    assert torch.allclose(p, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['melt', 'loop'])
+def test_training_steps_lower_the_loss_and_reach_the_gates(mode):
+    torch.manual_seed(0)
+    model = MELT(MELTConfig(**{**TINY, 'cache': mode}))
+    ids = tokens(33, batch=4)
+    x, y = ids[:, :-1], ids[:, 1:]
+    opt = model.configure_optimizers(0.0, 3e-3, 3e-2, (0.9, 0.95), 'cpu')
+    losses = []
+    for step in range(8):
+        _, loss = model(x, y, chunk_size=8)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0 and mode == 'melt':
+            for gate in model.gate_modules():
+                for name, p in gate.named_parameters():
+                    assert p.grad is not None and p.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    if mode == 'melt':
+        assert len(opt.param_groups) == 3 and opt.param_groups[2]['lr'] == 3e-2
+
+
+# ----------------------------------------------------------------------------------------
+# generation and errors
+
+def test_greedy_generate_matches_argmax_of_full_forward():
+    for mode in ('melt', 'loop'):
+        model = tiny_model(mode)
+        ids = tokens(5)
+        out = model.generate(ids, 6, top_k=1, chunk_size=1)
+        for i in range(5, 11):  # each token is the argmax of a fresh forward on what came before
+            assert out[0, i] == model(out[:, :i], chunk_size=1)[0][0, -1].argmax()
+
+
+def test_errors_name_the_value_and_the_limit():
+    model = tiny_model('melt')
+    ids = tokens(5)
+    with pytest.raises(ValueError, match=r'loops must be an integer >= 1, got 0'):
+        model(ids, loops=0)
+    with pytest.raises(ValueError, match=r'chunk_size must be >= 1, got 0'):
+        model(ids, chunk_size=0)
+    with pytest.raises(ValueError, match=r'alpha must be in \[0, 1\], got 1.5'):
+        model(ids, alpha=1.5)
+    with pytest.raises(ValueError, match=r'alpha is for cache=.melt. models'):
+        tiny_model('loop')(ids, alpha=0.5)
+    with pytest.raises(ValueError, match=r'token id 64 is outside the vocabulary \[0, 64\)'):
+        model(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match=r'token id -1 is outside'):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match=r'prompt of 5 tokens \+ 60 new tokens = 65, longer than block_size 64'):
+        model.generate(ids, 60)
+    with pytest.raises(ValueError, match=r'60 cached \+ 5 new tokens must be between 1 and block_size 64'):
+        cache = model.new_cache(1)
+        model(tokens(60), cache=cache)
+        model(ids, cache=cache)
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match=r'cache was made for batch size 2, got 1'):
+        model(ids, cache=cache)
+    loop_model = tiny_model('loop')
+    cache = loop_model.new_cache(1, loops=3)
+    with pytest.raises(ValueError, match=r'made for 3 loops, got loops=4'):
+        loop_model(ids, cache=cache, loops=4)
+    with pytest.raises(ValueError, match=r"cache must be 'melt' or 'loop', got 'kv'"):
+        MELTConfig(cache='kv')
