@@ -43,57 +43,83 @@ def tokens(n, seed=1, batch=1):
 # ----------------------------------------------------------------------------------------
 # the independent reference
 
-def naive_forward(model, ids, loops, schedule, kv='gated'):
+def hf_name(name):
+    """Our parameter name -> Ouro's, written out here rather than taken from melt.py."""
+    if name.startswith('lm_head'):
+        return name
+    for ours, theirs in [('.attn.', '.self_attn.'), ('attn_norm_in', 'input_layernorm'),
+                         ('attn_norm_out', 'input_layernorm_2'), ('mlp_norm_in', 'post_attention_layernorm'),
+                         ('mlp_norm_out', 'post_attention_layernorm_2'), ('exit_gate', 'early_exit_gate')]:
+        name = name.replace(ours, theirs)
+    return 'model.' + name
+
+
+def ouro_config(model):
+    c = model.config
+    return dict(hidden_size=c.n_embd, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                num_hidden_layers=c.n_layer, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps)
+
+
+def hf_weights(model):
+    return {hf_name(k): v for k, v in model.state_dict().items()}
+
+
+def naive(model, ids, loops, schedule, kv='gated'):
+    return naive_forward(ouro_config(model), hf_weights(model), ids, loops, schedule, kv)
+
+
+def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
     """Final-loop logits (T, V) for one sequence, token by token, head by head, in float64.
+    cfg: Ouro's config.json fields; weights: tensors by Ouro's names.
     schedule: the chunk sizes, in order. kv: 'gated' = MELT (one K/V row per token, final
     once its chunk is done; h^1 = x^1, then the gate), 'open' = keys/values from x but
     still one final row per token (Ouro's last-loop cache sharing), 'loop' = LoopLM (at
     loop t every token attends to the loop-t K/V of earlier tokens)."""
-    c = model.config
-    W = {k: v.double() for k, v in model.state_dict().items()}
-    d, nh, nkv = c.n_embd, c.n_head, c.n_kv_head
+    W = {k: v.double() for k, v in weights.items()}
+    d, nh, nkv, n_layer = cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['num_hidden_layers']
+    theta, eps = cfg['rope_theta'], cfg['rms_norm_eps']
     hd = d // nh
 
     def rms(x, w):
-        return w * x / torch.sqrt((x * x).mean() + c.norm_eps)
+        return w * x / torch.sqrt((x * x).mean() + eps)
 
     def rope(vec, pos):  # vec: (hd,), pair i with i + hd/2
         half = hd // 2
-        ang = torch.tensor([pos * c.rope_theta ** (-2 * i / hd) for i in range(half)], dtype=torch.float64)
+        ang = torch.tensor([pos * theta ** (-2 * i / hd) for i in range(half)], dtype=torch.float64)
         a, b = vec[:half], vec[half:]
         return torch.cat([a * torch.cos(ang) - b * torch.sin(ang), b * torch.cos(ang) + a * torch.sin(ang)])
 
     def heads(vec, n):
         return [vec[i * hd:(i + 1) * hd] for i in range(n)]
 
-    final = [[] for _ in range(c.n_layer)]  # per layer: (k_heads, v_heads) of finished tokens
-    per_loop = [[[] for _ in range(c.n_layer)] for _ in range(loops)]
+    final = [[] for _ in range(n_layer)]  # per layer: (k_heads, v_heads) of finished tokens
+    per_loop = [[[] for _ in range(n_layer)] for _ in range(loops)]
     out, pos = [], 0
     for size in schedule:
-        states = [W['embed_tokens.weight'][t] for t in ids[pos:pos + size]]
-        latent = [[None] * c.n_layer for _ in states]
-        last_kv = [None] * c.n_layer
+        states = [W['model.embed_tokens.weight'][t] for t in ids[pos:pos + size]]
+        latent = [[None] * n_layer for _ in states]
+        last_kv = [None] * n_layer
         for t in range(loops):
-            for l in range(c.n_layer):
-                p = f'layers.{l}.'
-                xs = [rms(s, W[p + 'attn_norm_in.weight']) for s in states]
+            for l in range(n_layer):
+                p = f'model.layers.{l}.'
+                xs = [rms(s, W[p + 'input_layernorm.weight']) for s in states]
                 for i, x in enumerate(xs):
                     h = latent[i][l]
                     if kv == 'gated' and h is not None:
-                        z = torch.sigmoid(W[p + 'attn.kv_gate.w_z.weight'] @ x
-                                          + W[p + 'attn.kv_gate.u_z.weight'] @ h + W[p + 'attn.kv_gate.b_z'])
+                        z = torch.sigmoid(W[p + 'self_attn.kv_gate.w_z.weight'] @ x
+                                          + W[p + 'self_attn.kv_gate.u_z.weight'] @ h + W[p + 'self_attn.kv_gate.b_z'])
                         latent[i][l] = z * h + (1 - z) * x
                     else:
                         latent[i][l] = x
                 chunk_kv = []
                 for i in range(size):
-                    k = [rope(v, pos + i) for v in heads(W[p + 'attn.k_proj.weight'] @ latent[i][l], nkv)]
-                    v = heads(W[p + 'attn.v_proj.weight'] @ latent[i][l], nkv)
+                    k = [rope(v, pos + i) for v in heads(W[p + 'self_attn.k_proj.weight'] @ latent[i][l], nkv)]
+                    v = heads(W[p + 'self_attn.v_proj.weight'] @ latent[i][l], nkv)
                     chunk_kv.append((k, v))
                 past = per_loop[t][l] if kv == 'loop' else final[l]
                 attn = []
                 for i, x in enumerate(xs):
-                    q = [rope(v, pos + i) for v in heads(W[p + 'attn.q_proj.weight'] @ x, nh)]
+                    q = [rope(v, pos + i) for v in heads(W[p + 'self_attn.q_proj.weight'] @ x, nh)]
                     seen = past + chunk_kv[:i + 1]
                     ys = []
                     for hq in range(nh):
@@ -101,17 +127,17 @@ def naive_forward(model, ids, loops, schedule, kv='gated'):
                         scores = torch.stack([q[hq] @ k[g] for k, _ in seen]) / math.sqrt(hd)
                         w = torch.softmax(scores, dim=0)
                         ys.append(sum(wj * v[g] for wj, (_, v) in zip(w, seen)))
-                    attn.append(W[p + 'attn.o_proj.weight'] @ torch.cat(ys))
+                    attn.append(W[p + 'self_attn.o_proj.weight'] @ torch.cat(ys))
                 for i in range(size):
-                    s = states[i] + rms(attn[i], W[p + 'attn_norm_out.weight'])
-                    m = rms(s, W[p + 'mlp_norm_in.weight'])
+                    s = states[i] + rms(attn[i], W[p + 'input_layernorm_2.weight'])
+                    m = rms(s, W[p + 'post_attention_layernorm.weight'])
                     m = W[p + 'mlp.down_proj.weight'] @ (torch.nn.functional.silu(W[p + 'mlp.gate_proj.weight'] @ m)
                                                          * (W[p + 'mlp.up_proj.weight'] @ m))
-                    states[i] = s + rms(m, W[p + 'mlp_norm_out.weight'])
+                    states[i] = s + rms(m, W[p + 'post_attention_layernorm_2.weight'])
                 per_loop[t][l] += chunk_kv
                 last_kv[l] = chunk_kv
-            states = [rms(s, W['norm.weight']) for s in states]
-        for l in range(c.n_layer):
+            states = [rms(s, W['model.norm.weight']) for s in states]
+        for l in range(n_layer):
             final[l] += last_kv[l]
         out += [W['lm_head.weight'] @ s for s in states]
         pos += size
@@ -160,7 +186,7 @@ def test_looplm_forward_matches_naive_reference():
     model = tiny_model('loop')
     ids = tokens(9)
     for loops in (1, 3):
-        ref = naive_forward(model, ids[0].tolist(), loops, [9], kv='loop')
+        ref = naive(model, ids[0].tolist(), loops, [9], kv='loop')
         assert max_diff(model(ids, loops=loops)[0][0], ref) < 1e-4
 
 
@@ -182,7 +208,7 @@ def test_melt_chunked_forward_matches_naive_reference():
     ids = tokens(10)
     for chunk_size in (1, 4, 10):
         schedule = [min(chunk_size, 10 - i) for i in range(0, 10, chunk_size)]
-        ref = naive_forward(model, ids[0].tolist(), 3, schedule, kv='gated')
+        ref = naive(model, ids[0].tolist(), 3, schedule, kv='gated')
         assert max_diff(model(ids, chunk_size=chunk_size)[0][0], ref) < 1e-4, chunk_size
     # chunking changes MELT's result (it is an approximation of sequential decoding)
     assert max_diff(model(ids, chunk_size=1)[0], model(ids, chunk_size=10)[0]) > 1e-3
@@ -202,7 +228,7 @@ def test_melt_prefill_chunked_then_decode():
     ids = tokens(12)
     logits, _ = decode(model, ids, 3, prefill=8, chunk_size=4)
     assert max_diff(logits[:, :8], model(ids[:, :8], chunk_size=4)[0]) <= 1e-5
-    ref = naive_forward(model, ids[0].tolist(), 3, [4, 4, 1, 1, 1, 1], kv='gated')
+    ref = naive(model, ids[0].tolist(), 3, [4, 4, 1, 1, 1, 1], kv='gated')
     assert max_diff(logits[0], ref) < 1e-4
 
 
@@ -212,10 +238,10 @@ def test_gate_forced_open_is_last_loop_sharing():
         for gate in model.gate_modules():
             gate.b_z.fill_(-1e4)  # z = sigmoid(-1e4) = 0 exactly in fp32, so h = x
     ids = tokens(8)
-    ref = naive_forward(model, ids[0].tolist(), 3, [1] * 8, kv='open')
+    ref = naive(model, ids[0].tolist(), 3, [1] * 8, kv='open')
     assert max_diff(model(ids, chunk_size=1)[0][0], ref) < 1e-4
     # and it is not the full LoopLM, whose tokens see every loop's K/V of earlier tokens
-    ref_loop = naive_forward(model, ids[0].tolist(), 3, [8], kv='loop')
+    ref_loop = naive(model, ids[0].tolist(), 3, [8], kv='loop')
     assert max_diff(ref, ref_loop) > 1e-3
 
 
