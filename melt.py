@@ -288,7 +288,7 @@ def read_ouro_config(path):
     if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
         raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
                          f"!= hidden_size {hf['hidden_size']}, which this model needs")
-    fields.update(hf.get('melt', {}))  # our own export adds cache, chunk_size, gate_bias_init
+    fields.update(hf.get('melt', {}))  # our export adds cache, chunk_size, gate_bias_init; Ouro ignores it
     return fields
 
 
@@ -407,8 +407,7 @@ class MELT(nn.Module):
         hf.update(model_type='ouro', architectures=['OuroForCausalLM'], head_dim=c.head_dim,
                   hidden_act='silu', tie_word_embeddings=False, early_exit_threshold=1.0,
                   torch_dtype=str(self.lm_head.weight.dtype).removeprefix('torch.'))
-        if c.cache == 'melt':
-            hf['melt'] = {'cache': 'melt', 'chunk_size': c.chunk_size, 'gate_bias_init': c.gate_bias_init}
+        hf['melt'] = {'cache': c.cache, 'chunk_size': c.chunk_size, 'gate_bias_init': c.gate_bias_init}
         tensors = {ouro_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(path, 'model.safetensors.tmp'), metadata={'format': 'pt'})
         with open(os.path.join(path, 'config.json.tmp'), 'w') as f:

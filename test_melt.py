@@ -3,12 +3,19 @@
 Numerical claims are checked against `naive_forward` below: a per-token, per-head
 reference written from the spec in float64, sharing no code with melt.py.
 """
+import json
 import math
+import os
+import struct
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from melt import MELT, MELTConfig, exit_distribution
+from ouro_tokenizer import chat_prompt, ouro_tokenizer, stop_ids
 
 TINY = dict(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
             n_hidden=48, n_loops=3, rope_theta=10000.0, chunk_size=4)
@@ -346,3 +353,262 @@ def test_errors_name_the_value_and_the_limit():
         loop_model(ids, cache=cache, loops=4)
     with pytest.raises(ValueError, match=r"cache must be 'melt' or 'loop', got 'kv'"):
         MELTConfig(cache='kv')
+
+
+# ----------------------------------------------------------------------------------------
+# Ouro folders in and out
+
+OURO_TINY = dict(model_type='ouro', architectures=['OuroForCausalLM'], hidden_size=32,
+                 intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=64, rope_theta=10000.0,
+                 rms_norm_eps=1e-6, max_position_embeddings=64, total_ut_steps=4,
+                 early_exit_threshold=1.0, tie_word_embeddings=False, hidden_act='silu')
+
+
+def ouro_tensors(cfg, seed=0):
+    """Random weights under every name of an Ouro checkpoint (spec section 6)."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, V, hd = cfg['hidden_size'], cfg['intermediate_size'], cfg['vocab_size'], cfg['head_dim']
+    q, kv = cfg['num_attention_heads'] * hd, cfg['num_key_value_heads'] * hd
+
+    def rand(*shape, mean=0.0):
+        return mean + 0.15 * torch.randn(*shape, generator=g)
+    out = {'model.embed_tokens.weight': rand(V, d), 'lm_head.weight': rand(V, d),
+           'model.norm.weight': rand(d, mean=1), 'model.early_exit_gate.weight': rand(1, d),
+           'model.early_exit_gate.bias': rand(1)}
+    for i in range(cfg['num_hidden_layers']):
+        p = f'model.layers.{i}.'
+        out.update({p + 'self_attn.q_proj.weight': rand(q, d), p + 'self_attn.k_proj.weight': rand(kv, d),
+                    p + 'self_attn.v_proj.weight': rand(kv, d), p + 'self_attn.o_proj.weight': rand(d, q),
+                    p + 'mlp.gate_proj.weight': rand(f, d), p + 'mlp.up_proj.weight': rand(f, d),
+                    p + 'mlp.down_proj.weight': rand(d, f)})
+        for norm in ('input_layernorm', 'input_layernorm_2', 'post_attention_layernorm', 'post_attention_layernorm_2'):
+            out[p + norm + '.weight'] = rand(d, mean=1)
+    return out
+
+
+def write_ouro_folder(path, cfg, tensors, dtype=torch.float32, shards=1):
+    """The HuggingFace layout: config.json + model.safetensors, or n shards + index."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(json.dumps({**cfg, 'torch_dtype': str(dtype).split('.')[1]}))
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    if shards == 1:
+        save_file(tensors, str(path / 'model.safetensors'), metadata={'format': 'pt'})
+        return path
+    names, weight_map = sorted(tensors), {}
+    for s in range(shards):
+        file = f'model-{s + 1:05d}-of-{shards:05d}.safetensors'
+        part = {k: tensors[k] for k in names[s::shards]}
+        save_file(part, str(path / file), metadata={'format': 'pt'})
+        weight_map.update({k: file for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / 'model.safetensors.index.json').write_text(
+        json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}))
+    return path
+
+
+def read_safetensors_by_hand(path):
+    """Every tensor of a folder as float32, parsing the format directly: an 8-byte header
+    length, a JSON header of dtype/shape/offsets, then the raw little-endian data."""
+    files = [f for f in os.listdir(path) if f.endswith('.safetensors')]
+    out = {}
+    for file in files:
+        raw = (path / file).read_bytes()
+        n = struct.unpack('<Q', raw[:8])[0]
+        header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+        for name, info in header.items():
+            if name == '__metadata__':
+                continue
+            start, end = info['data_offsets']
+            if info['dtype'] == 'F32':
+                values = np.frombuffer(data[start:end], dtype='<f4')
+            else:
+                assert info['dtype'] == 'BF16'
+                values = (np.frombuffer(data[start:end], dtype='<u2').astype(np.uint32) << 16).view(np.float32)
+            out[name] = torch.from_numpy(values.copy()).reshape(info['shape'])
+    return out
+
+
+@pytest.mark.parametrize('dtype,shards', [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1), (torch.bfloat16, 2)])
+def test_from_ouro_matches_naive_ouro_forward(tmp_path, dtype, shards):
+    folder = write_ouro_folder(tmp_path / 'ouro', OURO_TINY, ouro_tensors(OURO_TINY), dtype, shards)
+    cfg, weights = json.loads((folder / 'config.json').read_text()), read_safetensors_by_hand(folder)
+    ids = tokens(7)
+    model = MELT.from_ouro(str(folder), cache='loop')
+    assert model.lm_head.weight.dtype == dtype and model.config.n_loops == 4
+    exact = MELT.from_ouro(str(folder), cache='loop', dtype=torch.float32)
+    for loops in (1, 2, 3, 4):
+        ref = naive_forward(cfg, weights, ids[0].tolist(), loops, [7], kv='loop')
+        assert max_diff(exact(ids, loops=loops)[0][0], ref) < 1e-4, loops
+        if dtype == torch.bfloat16:  # the bf16 model computes in bf16: same answer, bf16 precision
+            assert max_diff(model(ids, loops=loops)[0][0].float(), ref) < 0.1 * ref.abs().max()
+
+
+def test_from_ouro_melt_starts_as_last_loop_sharing(tmp_path):
+    folder = write_ouro_folder(tmp_path / 'ouro', OURO_TINY, ouro_tensors(OURO_TINY))
+    model = MELT.from_ouro(str(folder))  # cache='melt': new gates, b_z = gate_bias_init
+    assert model.config.cache == 'melt' and len(model.gate_modules()) == 2
+    for gate in model.gate_modules():
+        assert gate.w_z.weight.abs().sum() == 0 and torch.all(gate.b_z == model.config.gate_bias_init)
+    with torch.no_grad():
+        for gate in model.gate_modules():
+            gate.b_z.fill_(-1e4)
+    cfg, weights = json.loads((folder / 'config.json').read_text()), read_safetensors_by_hand(folder)
+    ids = tokens(6)
+    ref = naive_forward(cfg, weights, ids[0].tolist(), 4, [1] * 6, kv='open')
+    assert max_diff(model(ids, chunk_size=1)[0][0], ref) < 1e-4
+
+
+def test_from_ouro_errors(tmp_path):
+    good = ouro_tensors(OURO_TINY)
+    bad_shape = dict(good, **{'model.layers.1.self_attn.k_proj.weight': torch.zeros(8, 32)})
+    folder = write_ouro_folder(tmp_path / 'shape', OURO_TINY, bad_shape)
+    with pytest.raises(ValueError, match=r'tensor model.layers.1.self_attn.k_proj.weight .* has shape \(8, 32\), expected \(16, 32\)'):
+        MELT.from_ouro(str(folder))
+    lacking = {k: v for k, v in good.items() if k != 'model.norm.weight'}
+    with pytest.raises(ValueError, match=r'lacks 1 tensors, e.g. \[.model.norm.weight.\]'):
+        MELT.from_ouro(str(write_ouro_folder(tmp_path / 'lack', OURO_TINY, lacking)))
+    extra = dict(good, **{'model.layers.0.self_attn.q_norm.weight': torch.ones(8)})
+    with pytest.raises(ValueError, match=r'unexpected tensor model.layers.0.self_attn.q_norm.weight'):
+        MELT.from_ouro(str(write_ouro_folder(tmp_path / 'extra', OURO_TINY, extra)))
+    folder = write_ouro_folder(tmp_path / 'llama', dict(OURO_TINY, model_type='llama'), good)
+    with pytest.raises(ValueError, match=r"model_type 'llama', expected 'ouro'"):
+        MELT.from_ouro(str(folder))
+    with pytest.raises(FileNotFoundError, match=r'no config.json in'):
+        MELT.from_ouro(str(tmp_path / 'nowhere'))
+    folder = write_ouro_folder(tmp_path / 'shards', OURO_TINY, good, shards=2)
+    (folder / 'model-00002-of-00002.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match=r'lists model-00002-of-00002.safetensors, which is not in'):
+        MELT.from_ouro(str(folder))
+    (folder / 'model.safetensors.index.json').unlink()
+    with pytest.raises(FileNotFoundError, match=r'no model.safetensors or model.safetensors.index.json'):
+        MELT.from_ouro(str(folder))
+
+
+@pytest.mark.parametrize('mode', ['melt', 'loop'])
+def test_export_round_trips_bit_exactly(tmp_path, mode):
+    model = tiny_model(mode)
+    model.save_pretrained(str(tmp_path / 'out'))
+    back = MELT.from_pretrained(str(tmp_path / 'out'))
+    assert back.config == model.config
+    mine, theirs = model.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    ids = tokens(9)
+    assert max_diff(back(ids)[0], model(ids)[0]) <= 1e-6  # same bits; BLAS may sum in another order
+    names = set(read_safetensors_by_hand(tmp_path / 'out'))
+    assert any('self_attn.kv_gate.w_z.weight' in n for n in names) == (mode == 'melt')
+    assert not list(tmp_path.glob('out/*.tmp'))
+    if mode == 'loop':  # a LoopLM export is an Ouro folder again, for a reader that is not ours
+        cfg = json.loads((tmp_path / 'out' / 'config.json').read_text())
+        assert cfg['model_type'] == 'ouro' and cfg['melt']['cache'] == 'loop'
+        ref = naive_forward(cfg, read_safetensors_by_hand(tmp_path / 'out'), ids[0].tolist(), 3, [9], kv='loop')
+        assert max_diff(MELT.from_ouro(str(tmp_path / 'out'), cache='loop')(ids)[0][0], ref) < 1e-4
+
+
+def test_loading_a_large_checkpoint_does_not_hold_two_copies(tmp_path):
+    cfg = dict(OURO_TINY, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+               num_attention_heads=8, num_key_value_heads=8, head_dim=128, vocab_size=16384)
+    zeros = {k: torch.zeros(v.shape) for k, v in ouro_tensors(cfg).items()}
+    folder = write_ouro_folder(tmp_path / 'big', cfg, zeros, dtype=torch.bfloat16)
+    size = (folder / 'model.safetensors').stat().st_size
+    assert size > 200e6
+    # peak resident memory (VmHWM; ru_maxrss would carry pytest's own peak across exec),
+    # from a baseline taken after torch's one-time setup for meta tensors (~70 MB whatever
+    # the model); after loading, every weight is read so that lazily mapped pages count too
+    script = ("import torch; from melt import MELT\n"
+              "def peak(): return [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+              "with torch.device('meta'): torch.nn.Embedding(2, 2)\n"
+              "before = peak()\n"
+              f"m = MELT.from_ouro({str(folder)!r}, cache='loop')\n"
+              "assert m.lm_head.weight.dtype == torch.bfloat16\n"
+              "for p in m.parameters():\n"
+              "    flat = p.detach().view(-1)\n"
+              "    for i in range(0, flat.numel(), 2 ** 20): flat[i:i + 2 ** 20].sum()\n"
+              "print(peak() - before)\n")
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.strip())
+    assert 0.9 * size < grown < 1.3 * size, (grown, size)  # the weights once, not twice
+
+
+# ----------------------------------------------------------------------------------------
+# the Ouro tokenizer through tiktoken, against HuggingFace's tokenizers library (test-only)
+
+def varied_lines(n_synthetic=1500, seed=0):
+    """Prose and code (the source of a few standard-library modules) plus made-up lines of
+    numbers, runs of spaces and tabs, accents, CJK and emoji."""
+    import argparse
+    import collections
+    import email
+    import inspect
+    import random
+    import textwrap
+    lines = []
+    for module in (argparse, collections, email, textwrap, json):
+        lines += inspect.getsource(module).splitlines()
+    rng = random.Random(seed)
+    words = "naïve café über façade résumé 東京 北京大学 こんにちは 😀 🚀 👍🏽 Ωμέγα Привет мир".split()
+    for i in range(n_synthetic):
+        kind = i % 4
+        if kind == 0:
+            lines.append(f"pi is {rng.random() * 10:.5f}, {rng.randint(0, 10**7):,} items at ${rng.randint(1, 999)}.{rng.randint(0, 99):02d}")
+        elif kind == 1:
+            lines.append(" " * rng.randint(0, 6) + "\t" * rng.randint(0, 3) + rng.choice(words) + "  "
+                         + str(rng.randint(0, 99999)) + " " * rng.randint(0, 4))
+        elif kind == 2:
+            lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 8))))
+        else:
+            lines.append("x = 3.14159; y=1,000,000\n\n  z = a[12]+b['k']  # it's they're we'll I'd 1st 2nd")
+    return lines
+
+
+def train_hf_tokenizer(lines, folder, vocab_size=3000, full_alphabet=True):
+    """A tokenizer.json in the SmolLM2 shape: specials at 0, 1, 2; Digits + ByteLevel."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_alphabet else [])
+    tok.train_from_iterator(lines, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / 'tokenizer.json'))
+    return tok
+
+
+def test_tiktoken_ids_equal_huggingface_ids(tmp_path):
+    lines = varied_lines()
+    hf = train_hf_tokenizer(lines[::2], tmp_path)
+    enc = ouro_tokenizer(str(tmp_path))
+    held_out = lines[1::2] + ['\n'.join(lines[1:200:2]), '   \t\t  \n\n\n  42  ', '1,000,000 and 3.14159']
+    assert len(held_out) > 2000
+    mismatched = [line for line in held_out if enc.encode(line) != hf.encode(line).ids]
+    assert not mismatched, mismatched[:3]
+    for line in held_out:
+        assert enc.decode(enc.encode(line)) == line
+    text = '<|im_start|>user\nhi<|im_end|>\n'
+    assert enc.encode(text, allowed_special='all') == hf.encode(text).ids
+    assert enc.encode(text, allowed_special='all')[0] == 1 and enc.n_vocab == hf.get_vocab_size()
+
+
+def test_bytes_missing_from_the_vocabulary_are_dropped_like_huggingface(tmp_path):
+    hf = train_hf_tokenizer(['hello world 123 abc'] * 20, tmp_path, vocab_size=100, full_alphabet=False)
+    enc = ouro_tokenizer(str(tmp_path))
+    for text in ['hello é world', 'zzz hello 😀', 'héllo wörld 12']:
+        assert enc.encode(text) == hf.encode(text).ids
+    assert enc.decode(enc.encode('hello é world')) == 'hello  world'
+    assert max(enc.encode('😀 hello')) < hf.get_vocab_size()
+
+
+def test_chat_format():
+    text = chat_prompt([{'role': 'user', 'content': 'What is 2+2?'}], thinking=True)
+    assert text == '<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n'
+    assert chat_prompt([{'role': 'user', 'content': 'x'}]).endswith('<|im_start|>assistant\n')
+
+
+def test_stop_ids_are_im_end_and_endoftext(tmp_path):
+    train_hf_tokenizer(['hello world'] * 5, tmp_path, vocab_size=300)
+    assert stop_ids(ouro_tokenizer(str(tmp_path))) == {0, 2}
