@@ -415,6 +415,17 @@ class MELT(nn.Module):
         os.replace(os.path.join(path, 'model.safetensors.tmp'), os.path.join(path, 'model.safetensors'))
         os.replace(os.path.join(path, 'config.json.tmp'), os.path.join(path, 'config.json'))
 
+    def as_cache(self, cache):
+        """The same base weights as a 'melt' or 'loop' model: a LoopLM becomes MELT with new
+        gates (reset_gates), a MELT model becomes the LoopLM without its gates."""
+        if cache == self.config.cache:
+            return self
+        config = MELTConfig(**{**self.config.__dict__, 'cache': cache})
+        model = MELT(config).to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        base = {k: v for k, v in self.state_dict().items() if '.kv_gate.' not in k}
+        model.load_state_dict(base, strict=cache == 'loop')  # 'melt': the gates keep reset_gates' init
+        return model
+
     def gate_modules(self):
         return [block.attn.kv_gate for block in self.layers if block.attn.kv_gate is not None]
 
@@ -469,7 +480,7 @@ class MELT(nn.Module):
         if T == 0 or cache.length + T > self.config.block_size:
             raise ValueError(f"{cache.length} cached + {T} new tokens must be between 1 and "
                              f"block_size {self.config.block_size}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        if idx.device.type != 'meta' and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 

@@ -6,6 +6,8 @@ reference written from the spec in float64, sharing no code with melt.py.
 import json
 import math
 import os
+import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -612,3 +614,270 @@ def test_chat_format():
 def test_stop_ids_are_im_end_and_endoftext(tmp_path):
     train_hf_tokenizer(['hello world'] * 5, tmp_path, vocab_size=300)
     assert stop_ids(ouro_tokenizer(str(tmp_path))) == {0, 2}
+
+
+# ----------------------------------------------------------------------------------------
+# train.py
+
+import train  # noqa: E402
+
+TRAIN_TINY = ['--n_embd=32', '--n_hidden=64', '--n_head=2', '--n_kv_head=2', '--batch_size=8',
+              '--block_size=18', '--loops=2', '--chunk_size=3', '--log_interval=1', '--warmup_iters=0',
+              '--eval_iters=2', '--device=cpu', '--dtype=float32']
+
+
+@pytest.fixture(scope='module')
+def reason_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('reason')
+    train.reason_task().prepare(str(folder), n_train=4000, n_val=300)
+    return str(folder)
+
+
+def run_train(capsys, *args):
+    if args:
+        train.main(TRAIN_TINY + list(args))
+    out = capsys.readouterr().out
+    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r'^iter (\d+): loss ([\d.]+)', out, re.M)}
+    return losses, out
+
+
+@pytest.fixture(scope='module')
+def looplm_dir(reason_data, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('loop'))
+    train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', f'--out_dir={out_dir}',
+                             '--max_iters=40', '--eval_interval=40', '--learning_rate=1e-2'])
+    return out_dir
+
+
+def fixed_val_loss(phase, model, teacher_model, data_dir):
+    """The phase's loss at alpha = 1 on four fixed validation batches."""
+    cfg = train.phase_config(phase, train.parse_args(TRAIN_TINY))
+    data = train.Data(data_dir, cfg['block_size'], 'cpu')
+    with torch.no_grad():
+        return np.mean([train.phase_loss(cfg, model, teacher_model, *data.batch('val', 16, seed), 10**6)[0].item()
+                        for seed in range(4)])
+
+
+def test_each_phase_lowers_its_loss(reason_data, looplm_dir, tmp_path, capsys):
+    common = [f'--dataset={reason_data}', '--eval_interval=30', '--max_iters=30', '--always_save_checkpoint=True']
+    losses, _ = run_train(capsys, *common, '--phase=loop', f'--out_dir={tmp_path}/loop', '--learning_rate=1e-2')
+    assert np.mean([losses[i] for i in range(25, 30)]) < np.mean([losses[i] for i in range(5)]) - 0.3
+    teacher_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
+    cfg = train.phase_config('transition', train.parse_args(TRAIN_TINY))
+    start = train.load_model(looplm_dir, 'melt', cfg, {'vocab_size': 101})[0]  # LoopLM weights + new gates
+    run_train(capsys, *common, '--phase=transition', f'--init_from={looplm_dir}', f'--out_dir={tmp_path}/transition',
+              '--transition_iters=10', '--learning_rate=3e-3', '--gate_lr=3e-2')
+    after_transition, _ = train.load_checkpoint(f'{tmp_path}/transition', 'cpu')
+    assert fixed_val_loss('transition', after_transition, None, reason_data) < \
+        fixed_val_loss('transition', start, None, reason_data) - 0.01
+    _, out = run_train(capsys, *common, '--phase=distill', f'--init_from={tmp_path}/transition',
+                       f'--teacher={looplm_dir}', f'--out_dir={tmp_path}/distill', '--gate_lr=3e-2', '--learning_rate=3e-3')
+    after_distill, ckpt = train.load_checkpoint(f'{tmp_path}/distill', 'cpu')
+    assert fixed_val_loss('distill', after_distill, teacher_model, reason_data) < \
+        fixed_val_loss('distill', after_transition, teacher_model, reason_data) - 0.001
+    assert re.search(r'iter 0: loss [\d.]+ \(kl [\d.]+, attn [\d.]+\)', out)
+    assert ckpt['phase'] == 'distill' and ckpt['model_args']['cache'] == 'melt' and ckpt['iter_num'] == 30
+    assert set(ckpt) == {'model', 'optimizer', 'model_args', 'config', 'iter_num', 'best_val_loss', 'phase'}
+
+
+def test_alpha_schedule_is_linear_then_one(reason_data, looplm_dir, tmp_path, capsys):
+    cfg = train.phase_config('transition', {'transition_iters': 8})
+    assert [train.alpha_at(cfg, i) for i in (0, 2, 4, 8, 12)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    _, out = run_train(capsys, f'--dataset={reason_data}', '--phase=transition', f'--init_from={looplm_dir}',
+                       f'--out_dir={tmp_path}', '--max_iters=6', '--eval_interval=100', '--transition_iters=4')
+    logged = [float(a) for a in re.findall(r'alpha ([\d.]+)', out)]
+    assert logged == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_distill_loss_is_zero_for_the_teacher_itself():
+    loop_model, melt_model = loop_and_melt_pair()
+    ids = tokens(12, batch=2)
+    _, _, teacher_aux = loop_model(ids, return_aux=True)
+    _, _, same = melt_model(ids, alpha=0.0, chunk_size=4, return_aux=True)
+    _, _, melt = melt_model(ids, alpha=1.0, chunk_size=4, return_aux=True)
+    assert train.kl_every_loop(same, teacher_aux).abs() < 1e-6
+    assert train.attention_alignment(same, teacher_aux) < 1e-10
+    assert train.kl_every_loop(melt, teacher_aux) > 1e-4 and train.attention_alignment(melt, teacher_aux) > 1e-4
+    # hand-check of the KL on one distribution pair
+    s, t = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])
+    ps, pt = torch.softmax(s, -1)[0, 0], torch.softmax(t, -1)[0, 0]
+    expected = (pt * (pt / ps).log()).sum()
+    assert torch.isclose(train.kl_every_loop({'logits': [s]}, {'logits': [t]}), expected)
+
+
+def stop_at(monkeypatch, iter_to_stop, error):
+    """Make train.phase_loss raise `error` (or return NaN, error=None) at one iteration;
+    returns a dict that gets the checkpoint's bytes as they were at that moment."""
+    real, seen = train.phase_loss, {}
+
+    def patched(cfg, model, teacher_model, x, y, iter_num):
+        loss, parts = real(cfg, model, teacher_model, x, y, iter_num)
+        if iter_num == iter_to_stop and model.training:
+            seen['ckpt'] = open(os.path.join(cfg['out_dir'], 'ckpt.pt'), 'rb').read()
+            if error is not None:
+                raise error
+            loss = loss * float('nan')
+        return loss, parts
+    monkeypatch.setattr(train, 'phase_loss', patched)
+    return seen
+
+
+def test_resume_gives_the_same_losses(reason_data, tmp_path, capsys, monkeypatch):
+    common = [f'--dataset={reason_data}', '--phase=loop', '--eval_interval=4', '--max_iters=8']
+    whole, _ = run_train(capsys, *common, f'--out_dir={tmp_path}/whole')
+    stop_at(monkeypatch, 5, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TRAIN_TINY + common + [f'--out_dir={tmp_path}/parts'])
+    first, _ = run_train(capsys)  # what the interrupted run printed
+    monkeypatch.undo()
+    second, _ = run_train(capsys, *common, f'--out_dir={tmp_path}/parts', '--init_from=resume')
+    assert sorted(first) == [0, 1, 2, 3, 4] and sorted(second) == [4, 5, 6, 7]
+    assert {**first, **second} == whole and first[4] == second[4]
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(reason_data, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / 'run'
+    seen = stop_at(monkeypatch, 3, None)
+    with pytest.raises(FloatingPointError, match=r'loss is nan at iter 3; stopping. The last good checkpoint in .* is untouched'):
+        run_train(capsys, f'--dataset={reason_data}', '--phase=loop', '--max_iters=6', '--eval_interval=2',
+                  f'--out_dir={out_dir}', '--always_save_checkpoint=True')
+    assert (out_dir / 'ckpt.pt').read_bytes() == seen['ckpt']
+    assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 2
+    assert not list(out_dir.glob('*.tmp'))
+
+
+def test_bad_flags_and_mismatched_data(reason_data, looplm_dir, tmp_path):
+    with pytest.raises(ValueError, match=r'unknown option --learning_rat; known: '):
+        train.main(['--learning_rat=1e-3'])
+    with pytest.raises(ValueError, match=r'--max_iters=ten: expected a int'):
+        train.main(['--max_iters=ten'])
+    with pytest.raises(ValueError, match=r'--max_iters=1.5: expected a int, got float'):
+        train.main(['--max_iters', '1.5'])
+    with pytest.raises(ValueError, match=r"--phase must be one of loop, transition, distill, all, got 'distil'"):
+        train.main(['--phase', 'distil'])
+    with pytest.raises(ValueError, match=r'--chunk_size must be >= 1, got 0'):
+        train.main(['--phase=transition', '--chunk_size=0'])
+    with pytest.raises(FileNotFoundError, match=r'no ckpt.pt in .*nowhere'):
+        train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=transition', f'--init_from={tmp_path}/nowhere'])
+    with pytest.raises(FileNotFoundError, match=r'no meta.pkl in'):
+        train.main(TRAIN_TINY + [f'--dataset={tmp_path}', '--phase=loop'])
+    bigger = tmp_path / 'bigger'
+    bigger.mkdir()
+    for f in ('train.bin', 'val.bin'):
+        (bigger / f).write_bytes(open(os.path.join(reason_data, f), 'rb').read())
+    with open(bigger / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 500, 'tokenizer': 'gpt2'}, f)
+    with pytest.raises(ValueError, match=r'has vocab_size 500, the model only 101'):
+        train.main(TRAIN_TINY + [f'--dataset={bigger}', '--phase=transition', f'--init_from={looplm_dir}'])
+
+
+def test_ddp_two_processes_match_one_process(reason_data, tmp_path, capsys):
+    args = TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', '--max_iters=3', '--eval_interval=3',
+                         '--gradient_accumulation_steps=2']
+    train.main(args + [f'--out_dir={tmp_path}/single'])
+    capsys.readouterr()
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(here, 'train.py')] + args + [f'--out_dir={tmp_path}/ddp'],
+                         capture_output=True, text=True, cwd=here, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model']
+    ddp = torch.load(f'{tmp_path}/ddp/ckpt.pt', weights_only=False)['model']
+    assert single.keys() == ddp.keys()
+    for k in single:
+        assert torch.allclose(single[k], ddp[k], atol=1e-5), k
+    assert any(not torch.equal(single[k], v) for k, v in MELT(MELTConfig(
+        **torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model_args'])).state_dict().items())
+
+
+def test_distill_from_a_tiny_ouro_folder(tmp_path, capsys):
+    from data.text.prepare import main as prepare_text
+    folder = tmp_path / 'ouro'
+    train_hf_tokenizer(varied_lines(200), folder, vocab_size=300)
+    write_ouro_folder(folder, dict(OURO_TINY, vocab_size=300), ouro_tensors(dict(OURO_TINY, vocab_size=300)))
+    text = tmp_path / 'text.txt'
+    text.write_text('\n'.join(varied_lines(400)))
+    prepare_text([f'--input={text}', f'--tokenizer=ouro:{folder}', f'--out_dir={tmp_path}/data'])
+    losses, out = run_train(capsys, f'--dataset={tmp_path}/data', '--phase=distill', f'--init_from=ouro:{folder}',
+                            f'--out_dir={tmp_path}/distill', '--max_iters=6', '--eval_interval=6')
+    assert 'cache=melt' in out and f'from ouro:{folder}' in out and len(losses) == 6
+    assert losses[5] < losses[0]
+    ckpt = torch.load(f'{tmp_path}/distill/ckpt.pt', weights_only=False)
+    assert ckpt['model_args']['n_embd'] == 32 and ckpt['model_args']['vocab_size'] == 300
+    # data made with another tokenizer is refused
+    other = tmp_path / 'other'
+    train_hf_tokenizer(varied_lines(100), other, vocab_size=280)
+    prepare_text([f'--input={text}', f'--tokenizer=ouro:{other}', f'--out_dir={tmp_path}/data2'])
+    with pytest.raises(ValueError, match=r"was tokenized with 'ouro:[0-9a-f]+', not with .*ouro's tokenizer"):
+        train.main(TRAIN_TINY + [f'--dataset={tmp_path}/data2', '--phase=distill', f'--init_from=ouro:{folder}'])
+
+
+# ----------------------------------------------------------------------------------------
+# sample.py and bench.py
+
+import bench  # noqa: E402
+import sample  # noqa: E402
+
+
+def test_sample_greedy_equals_generate_and_reports_the_cache(looplm_dir, capsys):
+    start = 'a=1 b=a c=2 ?b'
+    kv = sample.main([f'--init_from={looplm_dir}', f'--start={start}', '--num_samples=1', '--top_k=1',
+                      '--max_new_tokens=6', '--device=cpu', '--dtype=float32'])
+    out = capsys.readouterr().out
+    model, codec = sample.load({**sample.DEFAULTS, 'init_from': looplm_dir})
+    expected = model.generate(torch.tensor([codec.encode(start)]), 6, top_k=1)
+    assert out.split('\n---------------')[0] == codec.decode(expected[0].tolist())
+    line = re.search(r'KV cache \(LoopLM\): ([\d,]+) bytes for (\d+) tokens at (\d+) loops; '
+                     r'a LoopLM cache would hold ([\d,]+) bytes', out)
+    held, n_tokens, loops, looplm = (int(g.replace(',', '')) for g in line.groups())
+    assert held == kv.nbytes == looplm and n_tokens == 4 + 5 and loops == model.config.n_loops
+    assert held == model.config.kv_bytes_per_token(loops, 4) * n_tokens
+
+
+def test_sample_loops_8_with_melt_cache(looplm_dir, capsys):
+    kv = sample.main([f'--init_from={looplm_dir}', '--cache=melt', '--loops', '8', '--num_samples=1',
+                      '--max_new_tokens=5', '--device=cpu', '--dtype=float32'])
+    out = capsys.readouterr().out
+    held, n_tokens, looplm = (int(g.replace(',', '')) for g in re.search(
+        r'KV cache \(MELT\): ([\d,]+) bytes for (\d+) tokens at 8 loops; a LoopLM cache would hold ([\d,]+)', out).groups())
+    assert held == kv.nbytes and looplm == 8 * held and kv.loops_run == [8] * 5
+
+
+def test_q_exit(looplm_dir, capsys):
+    for mode in ('melt', 'loop'):
+        model = tiny_model(mode)
+        ids = tokens(4)
+        everything, some = model.new_cache(1), model.new_cache(1)
+        full = model.generate(ids, 8, top_k=1, cache=everything)
+        never = model.generate(ids, 8, top_k=1, exit_threshold=1.5, cache=some)  # q > 1: no early exit
+        assert torch.equal(full, never) and some.loops_run == everything.loops_run == [3] * 8
+        with torch.no_grad():
+            model.exit_gate.bias.fill_(100.0)  # lambda_1 = 1: every token exits after loop 1
+        kv = model.new_cache(1)
+        model.generate(ids, 8, top_k=1, exit_threshold=0.5, cache=kv)
+        assert kv.loops_run == [3] + [1] * 7  # the prompt runs every loop; decoded tokens one
+        assert kv.nbytes == model.config.kv_bytes_per_token(3, 4) * 11  # LoopLM rows were filled in
+    sample.main([f'--init_from={looplm_dir}', '--exit_threshold=1.5', '--num_samples=1', '--max_new_tokens=4',
+                 '--device=cpu', '--dtype=float32'])
+    assert re.search(r'Q-exit at q=1.5: 2.00 loops per decoded token \(of 2\)', capsys.readouterr().out)
+
+
+def test_sample_errors(looplm_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'no checkpoint folder .*nothing'):
+        sample.main([f'--init_from={tmp_path}/nothing'])
+    with pytest.raises(ValueError, match=r"--loops must be >= 1 \(or 0 for the model's own\), got -1"):
+        sample.main([f'--init_from={looplm_dir}', '--loops=-1', '--device=cpu', '--dtype=float32'])
+    with pytest.raises(ValueError, match=r'prompt of 7 tokens \+ 40 new tokens is longer than block_size 18'):
+        sample.main([f'--init_from={looplm_dir}', '--start=a=1 b=2 c=3 d=0 e=1 f=2 ?a', '--device=cpu', '--dtype=float32'])
+    with pytest.raises(FileNotFoundError, match=r"start file '.*missing.txt' does not exist"):
+        sample.main([f'--init_from={looplm_dir}', f'--start=FILE:{tmp_path}/missing.txt', '--device=cpu', '--dtype=float32'])
+
+
+def test_bench_memory_table_reproduces_the_paper(capsys):
+    rows = bench.memory_table(bench.model_shape('ouro-1.4b'), 32_000, 2)
+    out = capsys.readouterr().out
+    per_token = {loops: (melt_b, loop_b) for loops, melt_b, loop_b in rows}
+    assert per_token[4] == (2 * 24 * 16 * 128 * 2, 4 * 2 * 24 * 16 * 128 * 2)
+    assert re.search(r'^\s+4\s+0\.197\s+0\.786\s+6\.29\s+25\.17\s+4\.0x$', out, re.M)
+    assert 'weights (MELT): 3.272 GB' in out and 'weights (LoopLM): 2.869 GB' in out
+    assert all(melt_b == per_token[1][0] and loop_b == loops * per_token[1][1] for loops, (melt_b, loop_b) in per_token.items())

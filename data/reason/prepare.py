@@ -1,0 +1,90 @@
+"""
+A synthetic multi-step reasoning task, made offline: resolve a chain of variable
+assignments. Each statement is one token ("b=a", "a=3"), so one attention step is one hop:
+
+    c=2 b=d a=b h=1 d=3 e=c ?a 3        (a -> b -> d -> 3: three hops)
+
+A model must follow `hops` links to answer, so a looped model needs more loops for more
+hops and accuracy measurably grows with loops. Every problem is PROBLEM_LEN tokens.
+
+$ python data/reason/prepare.py          writes train.bin / val.bin (uint16) + meta.pkl here
+"""
+import os
+import pickle
+import random
+import sys
+
+import numpy as np
+
+VARIABLES = 'abcdefgh'
+VALUES = '0123'
+N_STATEMENTS = 5
+MAX_HOPS = 3
+WORDS = ['\n'] + list(VALUES) + [f'?{v}' for v in VARIABLES] + \
+        [f'{v}={w}' for v in VARIABLES for w in VARIABLES + VALUES if v != w]
+STOI = {w: i for i, w in enumerate(WORDS)}
+QUERY_IDS = [STOI[f'?{v}'] for v in VARIABLES]  # the answer follows these: loss is taken there
+PROBLEM_LEN = 1 + N_STATEMENTS + 1 + 1  # newline, statements, query, answer
+
+
+def problem(rng, hops=None):
+    """(prompt words, answer word, hops): a chain of `hops` statements from the queried
+    variable to a value, among distractor statements over the other variables."""
+    hops = hops or rng.randint(1, MAX_HOPS)
+    names = rng.sample(VARIABLES, N_STATEMENTS)
+    chain, answer = names[:hops], rng.choice(VALUES)
+    statements = [f'{chain[i]}={chain[i + 1]}' for i in range(hops - 1)] + [f'{chain[-1]}={answer}']
+    others = names[hops:]
+    for j, v in enumerate(others):  # distractors: links of other chains, or their ends
+        last = j + 1 == len(others)
+        statements.append(f'{v}={rng.choice(VALUES)}' if last or rng.random() < 0.5 else f'{v}={others[j + 1]}')
+    rng.shuffle(statements)
+    return ['\n'] + statements + [f'?{chain[0]}'], answer, hops
+
+
+def encode(words):
+    return [STOI[w] for w in words]
+
+
+def decode(ids):
+    return ' '.join(WORDS[i] for i in ids).replace(' \n ', '\n')
+
+
+def eval_problems(n=1000, seed=12345):
+    """Held-out problems, hops 1..MAX_HOPS equally often: (prompts (n, 8), answers, hops)."""
+    rng = random.Random(seed)
+    rows = [problem(rng, hops=1 + i % MAX_HOPS) for i in range(n)]
+    return (np.array([encode(p) for p, _, _ in rows]), np.array([STOI[a] for _, a, _ in rows]),
+            np.array([h for _, _, h in rows]))
+
+
+def accuracy(model, loops, n=1000, device='cpu', chunk_size=None):
+    """Exact-match accuracy of the greedy answer (argmax after the query), overall and per hop
+    count. MELT models run with chunk_size=1 by default, i.e. as they decode."""
+    import torch
+    prompts, answers, hops = eval_problems(n)
+    if chunk_size is None and model.config.cache == 'melt':
+        chunk_size = 1
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(prompts).to(device), loops=loops, chunk_size=chunk_size)
+    correct = (logits[:, -1].argmax(-1).cpu().numpy() == answers)
+    per_hop = {h: float(correct[hops == h].mean()) for h in range(1, MAX_HOPS + 1)}
+    return float(correct.mean()), per_hop
+
+
+def prepare(out_dir, n_train=200_000, n_val=5_000, seed=0):
+    rng = random.Random(seed)
+    for split, n in (('train', n_train), ('val', n_val)):
+        ids = [i for _ in range(n) for p, a, _ in [problem(rng)] for i in encode(p + [a])]
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f'{split}.bin'))
+    meta = {'vocab_size': len(WORDS), 'itos': WORDS, 'stoi': STOI, 'tokenizer': 'reason',
+            'loss_after': QUERY_IDS}
+    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
+        pickle.dump(meta, f)
+    print(f"wrote {n_train:,} + {n_val:,} problems ({PROBLEM_LEN} tokens each, vocab {len(WORDS)}) to {out_dir}")
+
+
+if __name__ == '__main__':
+    if len(sys.argv) > 1:
+        sys.exit(f"usage: python {sys.argv[0]} (no arguments), got {sys.argv[1:]}")
+    prepare(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,157 @@
+"""
+Sample from a trained model and show what its KV cache holds.
+
+$ python sample.py                                  out/distill (the main job's MELT model)
+$ python sample.py --loops 8                        any loop count, e.g. 8 on a model trained with 4
+$ python sample.py --cache loop                     the same weights with the LoopLM's cache, to compare
+$ python sample.py --init_from=ouro:/path/to/Ouro-1.4B-Thinking --chat --thinking --start "What is 17*23?"
+$ python sample.py --exit_threshold 0.9             Ouro's Q-exit: a token stops looping early
+
+Options as --key=value or --key value.
+"""
+import os
+import pickle
+import sys
+
+import torch
+
+from melt import MELT
+from train import load_checkpoint, parse_args
+
+# -----------------------------------------------------------------------------
+init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
+start = '\n'  # the prompt, or FILE:prompt.txt
+num_samples = 3
+max_new_tokens = 40
+temperature = 0.8
+top_k = 20
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+loops = 0  # 0: the model's own n_loops
+cache = ''  # 'melt' | 'loop'; empty: as saved ('melt' for ouro:PATH)
+chunk_size = 0  # MELT's prefill chunk size; 0: the model's own
+chat = False  # wrap the prompt in Ouro's ChatML (ouro:PATH)
+thinking = False  # with --chat: '<think>\n' after the assistant header, for -Thinking models
+exit_threshold = 0.0  # Q-exit threshold q; 0: run every loop; above 1: never exits early
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+class WordCodec:
+    """The reasoning task's words ("a=b", "?a", "3"), separated by spaces; newline is a word."""
+
+    def __init__(self, meta):
+        self.itos, self.stoi = meta['itos'], meta['stoi']
+        self.n_vocab, self.stop = len(self.itos), set()
+
+    def encode(self, text):
+        words = [w for w in text.replace('\n', ' \n ').split(' ') if w]
+        unknown = [w for w in words if w not in self.stoi]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a word of the reasoning task (e.g. 'a=b', 'c=3', '?a')")
+        return [self.stoi[w] for w in words]
+
+    def decode(self, ids):
+        return ' '.join(self.itos[i] for i in ids).replace(' \n ', '\n').replace('\n ', '\n')
+
+
+class TiktokenCodec:
+    def __init__(self, enc, stop=()):
+        self.enc, self.n_vocab, self.stop = enc, enc.n_vocab, set(stop)
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special='all')
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def load(cfg):
+    """(model, codec) for --init_from, with the cache kind --cache asks for."""
+    source = cfg['init_from']
+    if source.startswith('ouro:'):
+        from ouro_tokenizer import ouro_tokenizer, stop_ids
+        path = source.removeprefix('ouro:')
+        model = MELT.from_ouro(path, cache=cfg['cache'] or 'melt')
+        enc = ouro_tokenizer(path)
+        return model, TiktokenCodec(enc, stop_ids(enc))
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"no checkpoint folder {source!r}: run python train.py first, or pass --init_from")
+    model, ckpt = load_checkpoint(source, 'cpu')
+    model = model.as_cache(cfg['cache'] or model.config.cache)
+    dataset = ckpt['config']['dataset']
+    data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+    with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
+        meta = pickle.load(f)
+    if 'itos' in meta:
+        return model, WordCodec(meta)
+    if meta['tokenizer'] == 'gpt2':
+        import tiktoken
+        return model, TiktokenCodec(tiktoken.get_encoding('gpt2'))
+    from ouro_tokenizer import ouro_tokenizer, stop_ids
+    enc = ouro_tokenizer(meta['tokenizer_path'].removeprefix('ouro:'))
+    return model, TiktokenCodec(enc, stop_ids(enc))
+
+
+def read_prompt(cfg):
+    text = cfg['start']
+    if text.startswith('FILE:'):
+        file = text.removeprefix('FILE:')
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"start file {file!r} does not exist")
+        with open(file, encoding='utf-8') as f:
+            text = f.read()
+    if cfg['chat']:
+        from ouro_tokenizer import chat_prompt
+        text = chat_prompt([{'role': 'user', 'content': text}], thinking=cfg['thinking'])
+    return text
+
+
+def main(argv):
+    cfg = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
+    for key in ('loops', 'chunk_size'):
+        if cfg[key] < 0:
+            raise ValueError(f"--{key} must be >= 1 (or 0 for the model's own), got {cfg[key]}")
+    if cfg['cache'] not in ('', 'melt', 'loop'):
+        raise ValueError(f"--cache must be 'melt' or 'loop', got {cfg['cache']!r}")
+    torch.manual_seed(cfg['seed'])
+    model, codec = load(cfg)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg['dtype']]
+    model.to(cfg['device'], ptdtype).eval()
+    loops = cfg['loops'] or model.config.n_loops
+    ids = codec.encode(read_prompt(cfg))
+    if len(ids) + cfg['max_new_tokens'] > model.config.block_size:
+        raise ValueError(f"prompt of {len(ids)} tokens + {cfg['max_new_tokens']} new tokens is longer than "
+                         f"block_size {model.config.block_size}")
+    x = torch.tensor([ids], dtype=torch.long, device=cfg['device'])
+    for _ in range(cfg['num_samples']):
+        kv = model.new_cache(1, loops)
+        y = model.generate(x, cfg['max_new_tokens'], loops=loops, temperature=cfg['temperature'],
+                           top_k=cfg['top_k'] or None, chunk_size=cfg['chunk_size'] or None,
+                           exit_threshold=cfg['exit_threshold'] or None, stop_tokens=codec.stop, cache=kv)
+        print(codec.decode(y[0].tolist()))
+        print('---------------')
+    print(memory_line(model, kv, loops))
+    decoded = kv.loops_run[1:]
+    if cfg['exit_threshold'] and decoded:
+        print(f"Q-exit at q={cfg['exit_threshold']}: {sum(decoded) / len(decoded):.2f} loops per decoded token "
+              f"(of {loops})")
+    return kv
+
+
+def memory_line(model, kv, loops):
+    """Bytes the cache holds now, and what the LoopLM's cache would hold for the same run."""
+    element = kv.tensors()[0].element_size()
+    per_loop_layer = 2 * model.config.n_kv_head * model.config.head_dim * element * kv.length
+    looplm = per_loop_layer * model.config.n_layer * loops
+    kind = 'MELT' if model.config.cache == 'melt' else 'LoopLM'
+    return (f"KV cache ({kind}): {kv.nbytes:,} bytes for {kv.length} tokens at {loops} loops; "
+            f"a LoopLM cache would hold {looplm:,} bytes ({looplm / kv.nbytes:.1f}x)")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

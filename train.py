@@ -1,0 +1,459 @@
+"""
+Train a LoopLM and post-train it into MELT, in three phases (spec sections 1, 3, 4):
+
+  loop        the LoopLM (cache='loop') with Ouro's objective, from scratch or an Ouro folder
+  transition  phase 1: MELT from the LoopLM's weights + new gates; alpha goes 0 -> 1
+  distill     phase 2: MELT student, frozen LoopLM teacher, KL + attention alignment
+
+$ python train.py                         the main job: prepares data/reason if needed, runs
+                                          loop -> transition -> distill into out/<phase>, and
+                                          prints accuracy and KV bytes per token at 1, 2, 4, 8 loops
+$ python train.py --phase distill         one phase (here from out/transition, teacher out/loop)
+$ python train.py --phase=loop --init_from=ouro:/path/to/Ouro-1.4B --dataset=text
+$ torchrun --standalone --nproc_per_node=2 train.py --phase=loop     (DDP: nccl on GPU, gloo on CPU)
+
+Options are the module-level names below, as --key=value or --key value.
+"""
+import ast
+import importlib.util
+import math
+import os
+import pickle
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from melt import MELT, MELTConfig, exit_distribution
+
+# -----------------------------------------------------------------------------
+# default config values; PHASE_DEFAULTS below adjusts some per phase
+phase = 'all'  # 'all' (the main job) | 'loop' | 'transition' | 'distill'
+out_dir = ''  # default: out/<phase>
+init_from = ''  # 'scratch' | 'resume' | an out dir | 'ouro:PATH'; default per phase
+teacher = ''  # the frozen LoopLM for distill (and KD in transition): an out dir or 'ouro:PATH'
+dataset = 'reason'  # a folder under data/ with train.bin, val.bin, meta.pkl
+eval_interval = 250
+log_interval = 50
+eval_iters = 10
+always_save_checkpoint = False  # else only when val loss improves (best-checkpoint keeping)
+seed = 1337
+# data
+batch_size = 64
+block_size = 24  # 3 problems of the reasoning task per row
+gradient_accumulation_steps = 1
+# model (for init_from='scratch')
+n_layer = 1
+n_head = 4
+n_kv_head = 4
+n_embd = 64
+n_hidden = 176
+loops = 4  # loops per token in training
+chunk_size = 3  # MELT's chunk-wise forward (spec section 3)
+# optimizer
+learning_rate = 3e-3  # base weights
+gate_lr = 1e-2  # MELT's gate parameters (the paper: 8e-6 base, 5e-4 gates at 1.4B)
+max_iters = 2000
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+warmup_iters = 50
+decay_lr = True  # cosine to min_lr = learning_rate / 10
+# objectives
+exit_beta = 0.1  # Ouro: expected CE over exits - exit_beta * entropy of the exit distribution
+transition_iters = 300  # phase 1: alpha = min(1, iter / transition_iters), linear (a guess)
+kd_weight = 0.0  # phase 1: optional KL(teacher || student) added to the data loss
+distill_beta = 0.1  # phase 2: weight of the attention-output alignment
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype on GPU
+compile = False
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+PHASE_DEFAULTS = {
+    'loop': dict(init_from='scratch', max_iters=2000),
+    'transition': dict(init_from='out/loop', teacher='out/loop', max_iters=400, learning_rate=1e-3),
+    'distill': dict(init_from='out/transition', teacher='out/loop', max_iters=300, learning_rate=5e-4, gate_lr=5e-3),
+}
+PHASES = tuple(PHASE_DEFAULTS)
+
+
+def parse_args(argv, defaults=DEFAULTS):
+    """--key=value or --key value, typed like the default; unknown keys are an error."""
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--'):
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key, eq, value = arg[2:].partition('=')
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        if key not in defaults:
+            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        if isinstance(default, str):
+            overrides[key] = value
+        else:
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"--{key}={value}: expected a {type(default).__name__}") from None
+            if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+                parsed = float(parsed)
+            if type(parsed) is not type(default):
+                raise ValueError(f"--{key}={value}: expected a {type(default).__name__}, got {type(parsed).__name__}")
+            overrides[key] = parsed
+        i += 1
+    return overrides
+
+
+def phase_config(name, overrides):
+    cfg = {**DEFAULTS, **PHASE_DEFAULTS[name], **overrides, 'phase': name}
+    cfg['out_dir'] = overrides.get('out_dir') or f'out/{name}'
+    if cfg['init_from'].startswith('ouro:') and 'teacher' not in overrides:
+        cfg['teacher'] = cfg['init_from']  # the Ouro model is its own MELT student's teacher
+    for key in ('loops', 'chunk_size', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+        if cfg[key] < 1:
+            raise ValueError(f"--{key} must be >= 1, got {cfg[key]}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# data
+
+class Data:
+    """nanoGPT's memmapped uint16 token files. Batch k of iteration i is drawn from a
+    generator seeded by (seed, i, k), so a resumed run sees the same data in the same order,
+    and DDP rank r takes the micro-batches a single process would take at r, r + world, ..."""
+
+    def __init__(self, dataset, block_size, device):
+        self.dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+        meta_file = os.path.join(self.dir, 'meta.pkl')
+        if not os.path.isfile(meta_file):
+            raise FileNotFoundError(f"no meta.pkl in {self.dir}: run python {os.path.join(self.dir, 'prepare.py')} first")
+        with open(meta_file, 'rb') as f:
+            self.meta = pickle.load(f)
+        self.block_size, self.device = block_size, device
+        # tasks may name tokens after which the target counts (the answers); else every token
+        self.loss_after = torch.tensor(self.meta.get('loss_after', []), dtype=torch.long)
+
+    def batch(self, split, batch_size, seed):
+        data = np.memmap(os.path.join(self.dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+        if len(data) <= self.block_size + 1:
+            raise ValueError(f"{split}.bin in {self.dir} has {len(data)} tokens; block_size {self.block_size} needs more")
+        g = torch.Generator().manual_seed(seed)
+        ix = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=g).tolist()
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        if len(self.loss_after):
+            y = torch.where(torch.isin(x, self.loss_after), y, -1)
+        return x.to(self.device), y.to(self.device)
+
+
+def batch_seed(seed, iter_num, micro_step, split='train'):
+    return (seed * 1_000_003 + iter_num * 1009 + micro_step) * 2 + (split == 'val')
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def token_ce(logits, targets):
+    """Per-token cross entropy (B, T) and the mask of tokens that count."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction='none')
+    return ce, targets >= 0
+
+
+def ouro_loss(aux, targets, beta):
+    """Ouro's objective: sum_t p_t * CE_t - beta * H(p), averaged over the counted tokens."""
+    p = exit_distribution(aux['exit_logits'])  # (B, T, loops)
+    ce = torch.stack([token_ce(lg, targets)[0] for lg in aux['logits']], dim=-1)  # (B, T, loops)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+    mask = (targets >= 0).float()
+    per_token = (p * ce).sum(-1) - beta * entropy
+    return (per_token * mask).sum() / mask.sum().clamp_min(1), {'ce': (ce[..., -1] * mask).sum() / mask.sum().clamp_min(1)}
+
+
+def kl_every_loop(student_aux, teacher_aux):
+    """KL(teacher || student) of the next-token distributions, averaged over tokens and over
+    every loop's exit (the paper does not say which exits; we take all)."""
+    kls = [F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
+                    reduction='none').sum(-1).mean()
+           for s, t in zip(student_aux['logits'], teacher_aux['logits'])]
+    return sum(kls) / len(kls)
+
+
+def attention_alignment(student_aux, teacher_aux):
+    """1/(N*T) sum over layers and loops of ||o_MELT - stopgrad(o_LoopLM)||^2, the squared
+    norm taken as a mean over tokens and channels (the paper's scale is not given)."""
+    pairs = [(s, t) for s_loop, t_loop in zip(student_aux['attn'], teacher_aux['attn']) for s, t in zip(s_loop, t_loop)]
+    return sum(F.mse_loss(s.float(), t.detach().float()) for s, t in pairs) / len(pairs)
+
+
+def alpha_at(cfg, iter_num):
+    return min(1.0, iter_num / cfg['transition_iters']) if cfg['transition_iters'] > 0 else 1.0
+
+
+def phase_loss(cfg, model, teacher_model, x, y, iter_num):
+    """The phase's loss and its parts (for the log)."""
+    if cfg['phase'] == 'loop':
+        _, _, aux = model(x, loops=cfg['loops'], return_aux=True)
+        loss, parts = ouro_loss(aux, y, cfg['exit_beta'])
+        return loss, parts
+    alpha = alpha_at(cfg, iter_num) if cfg['phase'] == 'transition' else 1.0
+    _, _, aux = model(x, loops=cfg['loops'], chunk_size=cfg['chunk_size'], alpha=alpha, return_aux=True)
+    if cfg['phase'] == 'transition':
+        loss, parts = ouro_loss(aux, y, cfg['exit_beta'])
+        parts['alpha'] = alpha
+        if cfg['kd_weight'] > 0:
+            with torch.no_grad():
+                _, _, teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
+            parts['kd'] = kl_every_loop(aux, teacher_aux)
+            loss = loss + cfg['kd_weight'] * parts['kd']
+        return loss, parts
+    with torch.no_grad():
+        _, _, teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
+    kl, align = kl_every_loop(aux, teacher_aux), attention_alignment(aux, teacher_aux)
+    return kl + cfg['distill_beta'] * align, {'kl': kl, 'attn': align}
+
+
+# -----------------------------------------------------------------------------
+# models and checkpoints
+
+def strip_compile_prefix(state):
+    return {k.removeprefix('_orig_mod.'): v for k, v in state.items()}
+
+
+def load_checkpoint(path, device):
+    file = os.path.join(path, 'ckpt.pt')
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no ckpt.pt in {path!r}: train that phase first (e.g. python train.py --phase=loop)")
+    ckpt = torch.load(file, map_location=device, weights_only=False)
+    model = MELT(MELTConfig(**ckpt['model_args']))
+    model.load_state_dict(strip_compile_prefix(ckpt['model']))
+    return model, ckpt
+
+
+def load_model(source, cache, cfg, meta):
+    """A model from 'scratch', an out dir, or 'ouro:PATH', as a `cache` model. A LoopLM source
+    for a MELT model keeps its weights and gets new gates (reset_gates' init)."""
+    if source == 'scratch':
+        return MELT(MELTConfig(vocab_size=meta['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
+                               n_head=cfg['n_head'], n_kv_head=cfg['n_kv_head'], n_embd=cfg['n_embd'],
+                               n_hidden=cfg['n_hidden'], n_loops=cfg['loops'], cache=cache,
+                               chunk_size=cfg['chunk_size'])), None
+    if source.startswith('ouro:'):
+        path = source.removeprefix('ouro:')
+        wanted = meta.get('tokenizer', '')
+        from data.text.prepare import tokenizer_id
+        if wanted != tokenizer_id(source):
+            raise ValueError(f"data/{cfg['dataset']} was tokenized with {wanted!r}, not with {path}'s tokenizer: "
+                             f"run python data/text/prepare.py --input=FILE --tokenizer={source}")
+        return MELT.from_ouro(path, cache=cache, dtype=torch.float32, chunk_size=cfg['chunk_size']), None
+    model, ckpt = load_checkpoint(source, 'cpu')
+    if model.config.cache == 'melt' and cache == 'loop':
+        raise ValueError(f"{source} holds a MELT model; the LoopLM phase and the teacher need a LoopLM or Ouro checkpoint")
+    if model.config.cache == 'loop' and cache == 'melt':
+        model.config.chunk_size = cfg['chunk_size']
+    return model.as_cache(cache), ckpt
+
+
+def save_checkpoint(out_dir, state):
+    """torch.save to a temporary file, then os.replace: an interrupted save keeps the old one."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+
+
+# -----------------------------------------------------------------------------
+
+def train(cfg):
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world = 0, 1
+    device = cfg['device']
+    if ddp:
+        init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        if device.startswith('cuda'):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        if cfg['gradient_accumulation_steps'] % world:
+            raise ValueError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must divide by "
+                             f"the {world} DDP processes")
+    master = rank == 0
+    accum = cfg['gradient_accumulation_steps'] // world
+    torch.manual_seed(cfg['seed'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg['dtype']]
+    ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    data = Data(cfg['dataset'], cfg['block_size'], device)
+
+    cache = 'loop' if cfg['phase'] == 'loop' else 'melt'
+    resume = cfg['init_from'] == 'resume'
+    model, ckpt = load_model(cfg['out_dir'] if resume else cfg['init_from'], cache, cfg, data.meta)
+    if model.config.vocab_size < data.meta['vocab_size']:
+        raise ValueError(f"data/{cfg['dataset']} has vocab_size {data.meta['vocab_size']}, "
+                         f"the model only {model.config.vocab_size}")
+    if model.config.block_size < cfg['block_size']:
+        raise ValueError(f"--block_size={cfg['block_size']} exceeds the model's block_size {model.config.block_size}")
+    model.to(device)
+    teacher_model = None
+    if cfg['phase'] == 'distill' or (cfg['phase'] == 'transition' and cfg['kd_weight'] > 0):
+        teacher_model, _ = load_model(cfg['teacher'], 'loop', cfg, data.meta)
+        teacher_model.to(device).eval().requires_grad_(False)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], cfg['gate_lr'],
+                                           (cfg['beta1'], cfg['beta2']), device_type)
+    iter_num, best_val_loss = 0, float('inf')
+    if resume:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    scaler = torch.amp.GradScaler(enabled=(cfg['dtype'] == 'float16'))
+    raw_model = model
+    if cfg['compile']:
+        model = torch.compile(model)
+    if ddp:
+        # at alpha = 0 the gates take no part, hence find_unused_parameters for the MELT phases
+        model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
+                    find_unused_parameters=cfg['phase'] != 'loop')
+
+    def lr_scale(it):  # linear warmup, then cosine to 1/10
+        if it < cfg['warmup_iters']:
+            return (it + 1) / (cfg['warmup_iters'] + 1)
+        if not cfg['decay_lr'] or it >= cfg['max_iters']:
+            return 1.0 if not cfg['decay_lr'] else 0.1
+        progress = (it - cfg['warmup_iters']) / max(1, cfg['max_iters'] - cfg['warmup_iters'])
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    @torch.no_grad()
+    def estimate_val_loss():
+        model.eval()
+        losses = []
+        for k in range(cfg['eval_iters']):
+            x, y = data.batch('val', cfg['batch_size'], batch_seed(cfg['seed'], 0, k, 'val'))
+            with ctx:  # the transition is judged at alpha = 1: the MELT model it is making
+                at = max(iter_num, cfg['transition_iters']) if cfg['phase'] == 'transition' else iter_num
+                losses.append(phase_loss(cfg, raw_model, teacher_model, x, y, at)[0].item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    def checkpoint():
+        return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'model_args': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
+                'best_val_loss': best_val_loss, 'phase': cfg['phase']}
+
+    tokens_per_iter = cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']
+    if master:
+        print(f"phase {cfg['phase']}: {raw_model.get_num_params():,} parameters, cache={raw_model.config.cache}, "
+              f"loops={cfg['loops']}, {tokens_per_iter:,} tokens/iter, from {cfg['init_from']} -> {cfg['out_dir']}")
+    t0 = time.time()
+    while True:
+        for group in optimizer.param_groups:
+            group['lr'] = group['base_lr'] * lr_scale(iter_num)
+        if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']) and master and iter_num > 0:
+            val_loss = estimate_val_loss()
+            print(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if val_loss < best_val_loss or cfg['always_save_checkpoint']:
+                best_val_loss = min(best_val_loss, val_loss)
+                save_checkpoint(cfg['out_dir'], checkpoint())
+                print(f"saved {cfg['out_dir']}/ckpt.pt")
+        if iter_num >= cfg['max_iters']:
+            break
+        parts_sum = {}
+        for micro in range(accum):
+            x, y = data.batch('train', cfg['batch_size'], batch_seed(cfg['seed'], iter_num, rank * accum + micro))
+            if ddp:  # only the last micro-step syncs gradients
+                model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
+                loss, parts = phase_loss(cfg, model, teacher_model, x, y, iter_num)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at iter {iter_num}; stopping. The last good "
+                                         f"checkpoint in {cfg['out_dir']} is untouched.")
+            scaler.scale(loss / accum).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
+            parts_sum['loss'] = parts_sum.get('loss', 0.0) + loss.item() / accum
+        if cfg['grad_clip'] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg['grad_clip'])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if iter_num % cfg['log_interval'] == 0 and master:
+            dt = time.time() - t0
+            steps = 1 if iter_num == 0 else cfg['log_interval']
+            extra = ', '.join(f"{k} {v:.4f}" for k, v in parts_sum.items() if k != 'loss')
+            print(f"iter {iter_num}: loss {parts_sum['loss']:.6f} ({extra}), lr {optimizer.param_groups[0]['lr']:.2e}, "
+                  f"{dt * 1000 / steps:.1f} ms/iter, {tokens_per_iter * steps / dt:,.0f} tok/s", flush=True)
+            t0 = time.time()
+        iter_num += 1
+    if ddp:
+        destroy_process_group()
+    return raw_model
+
+
+
+# -----------------------------------------------------------------------------
+# the main job
+
+def reason_task():
+    """data/reason/prepare.py as a module (it holds the task's accuracy eval)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reason', 'prepare.py')
+    spec = importlib.util.spec_from_file_location('reason_prepare', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def final_table(loop_model, melt_model, device, eval_loops=(1, 2, 4, 8)):
+    """Accuracy on held-out problems and KV-cache bytes per token (fp32 as trained, and bf16)."""
+    task = reason_task()
+    rows = []
+    for name, model in (('LoopLM', loop_model), ('MELT', melt_model)):
+        model.to(device).eval()
+        for n in eval_loops:
+            acc, per_hop = task.accuracy(model, n, device=device)
+            rows.append((name, n, acc, per_hop, model.config.kv_bytes_per_token(n, 4)))
+    hops = sorted(rows[0][3])
+    print(f"\n{'model':<7} {'loops':>5} {'accuracy':>8}  " + ' '.join(f'{h}-hop'.rjust(6) for h in hops)
+          + f"  {'KV bytes/token':>14}")
+    for name, n, acc, per_hop, kv in rows:
+        print(f"{name:<7} {n:>5} {acc:>8.3f}  " + ' '.join(f'{per_hop[h]:6.3f}' for h in hops) + f"  {kv:>14,}")
+    return rows
+
+
+def main(argv):
+    overrides = parse_args(argv)
+    if overrides.get('phase', 'all') not in PHASES + ('all',):
+        raise ValueError(f"--phase must be one of {', '.join(PHASES + ('all',))}, got {overrides['phase']!r}")
+    if overrides.get('phase', 'all') != 'all':
+        return train(phase_config(overrides['phase'], overrides))
+    if overrides.get('dataset', 'reason') != 'reason':
+        raise ValueError("the main job (--phase=all) runs on data/reason; pick a --phase for other data")
+    if 'out_dir' in overrides:
+        raise ValueError("--out_dir is per phase; the main job writes out/loop, out/transition, out/distill")
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reason', 'meta.pkl')):
+        reason_task().prepare(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reason'))
+    t0 = time.time()
+    for name in PHASES:
+        train(phase_config(name, overrides))
+    device = overrides.get('device', DEFAULTS['device'])
+    loop_model, _ = load_checkpoint('out/loop', device)
+    melt_model, _ = load_checkpoint('out/distill', device)
+    final_table(loop_model, melt_model, device)
+    print(f"\nmain job done in {time.time() - t0:.0f} s")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
