@@ -16,13 +16,13 @@ import sys
 import torch
 
 from melt import MELT
-from train import load_checkpoint, parse_args
+from train import load_checkpoint, parse_args, reason_task
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
 start = '\n'  # the prompt, or FILE:prompt.txt
 num_samples = 3
-max_new_tokens = 40
+max_new_tokens = 0  # 0: up to the model's block_size
 temperature = 0.8
 top_k = 20
 seed = 1337
@@ -120,17 +120,25 @@ def main(argv):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg['dtype']]
     model.to(cfg['device'], ptdtype).eval()
     loops = cfg['loops'] or model.config.n_loops
-    ids = codec.encode(read_prompt(cfg))
-    if len(ids) + cfg['max_new_tokens'] > model.config.block_size:
-        raise ValueError(f"prompt of {len(ids)} tokens + {cfg['max_new_tokens']} new tokens is longer than "
-                         f"block_size {model.config.block_size}")
-    x = torch.tensor([ids], dtype=torch.long, device=cfg['device'])
-    for _ in range(cfg['num_samples']):
+    if isinstance(codec, WordCodec) and cfg['start'] == DEFAULTS['start']:
+        # the reasoning task's model only answers queries: pose held-out problems instead
+        prompts, answers, hops = reason_task().eval_problems(cfg['num_samples'], seed=cfg['seed'])
+        prompts = [(p.tolist(), f"  (expected {codec.itos[a]}, {h} hops)") for p, a, h in zip(prompts, answers, hops)]
+        new_tokens = 1
+    else:
+        ids = codec.encode(read_prompt(cfg))
+        prompts = [(ids, '')] * cfg['num_samples']
+        new_tokens = cfg['max_new_tokens'] or model.config.block_size - len(ids)
+    for ids, note in prompts:
+        if len(ids) + max(new_tokens, 1) > model.config.block_size:
+            raise ValueError(f"prompt of {len(ids)} tokens + {max(new_tokens, 1)} new tokens is longer than "
+                             f"block_size {model.config.block_size}")
         kv = model.new_cache(1, loops)
-        y = model.generate(x, cfg['max_new_tokens'], loops=loops, temperature=cfg['temperature'],
-                           top_k=cfg['top_k'] or None, chunk_size=cfg['chunk_size'] or None,
-                           exit_threshold=cfg['exit_threshold'] or None, stop_tokens=codec.stop, cache=kv)
-        print(codec.decode(y[0].tolist()))
+        y = model.generate(torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
+                           temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
+                           chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,
+                           stop_tokens=codec.stop, cache=kv)
+        print(codec.decode(y[0].tolist()) + note)
         print('---------------')
     print(memory_line(model, kv, loops))
     decoded = kv.loops_run[1:]

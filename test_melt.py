@@ -753,6 +753,8 @@ def test_bad_flags_and_mismatched_data(reason_data, looplm_dir, tmp_path):
         train.main(['--max_iters=ten'])
     with pytest.raises(ValueError, match=r'--max_iters=1.5: expected a int, got float'):
         train.main(['--max_iters', '1.5'])
+    assert train.parse_args(['--compile', '--max_iters', '5', '--decay_lr=False']) == \
+        {'compile': True, 'max_iters': 5, 'decay_lr': False}
     with pytest.raises(ValueError, match=r"--phase must be one of loop, transition, distill, all, got 'distil'"):
         train.main(['--phase', 'distil'])
     with pytest.raises(ValueError, match=r'--chunk_size must be >= 1, got 0'):
@@ -835,12 +837,14 @@ def test_sample_greedy_equals_generate_and_reports_the_cache(looplm_dir, capsys)
 
 
 def test_sample_loops_8_with_melt_cache(looplm_dir, capsys):
-    kv = sample.main([f'--init_from={looplm_dir}', '--cache=melt', '--loops', '8', '--num_samples=1',
-                      '--max_new_tokens=5', '--device=cpu', '--dtype=float32'])
+    kv = sample.main([f'--init_from={looplm_dir}', '--cache=melt', '--loops', '8', '--num_samples=2',
+                      '--device=cpu', '--dtype=float32'])
     out = capsys.readouterr().out
+    assert len(re.findall(r'^\n?[a-h]=\S+ .*\?[a-h] [0-3]  \(expected [0-3], [1-3] hops\)$', out, re.M)) == 2
     held, n_tokens, looplm = (int(g.replace(',', '')) for g in re.search(
         r'KV cache \(MELT\): ([\d,]+) bytes for (\d+) tokens at 8 loops; a LoopLM cache would hold ([\d,]+)', out).groups())
-    assert held == kv.nbytes and looplm == 8 * held and kv.loops_run == [8] * 5
+    assert held == kv.nbytes and looplm == 8 * held and n_tokens == kv.length == 7
+    assert kv.loops_run and set(kv.loops_run) == {8}
 
 
 def test_q_exit(looplm_dir, capsys):
@@ -857,7 +861,7 @@ def test_q_exit(looplm_dir, capsys):
         model.generate(ids, 8, top_k=1, exit_threshold=0.5, cache=kv)
         assert kv.loops_run == [3] + [1] * 7  # the prompt runs every loop; decoded tokens one
         assert kv.nbytes == model.config.kv_bytes_per_token(3, 4) * 11  # LoopLM rows were filled in
-    sample.main([f'--init_from={looplm_dir}', '--exit_threshold=1.5', '--num_samples=1', '--max_new_tokens=4',
+    sample.main([f'--init_from={looplm_dir}', '--exit_threshold=1.5', '--num_samples=1', '--max_new_tokens=4', '--start=a=1 ?a',
                  '--device=cpu', '--dtype=float32'])
     assert re.search(r'Q-exit at q=1.5: 2.00 loops per decoded token \(of 2\)', capsys.readouterr().out)
 
@@ -868,7 +872,10 @@ def test_sample_errors(looplm_dir, tmp_path):
     with pytest.raises(ValueError, match=r"--loops must be >= 1 \(or 0 for the model's own\), got -1"):
         sample.main([f'--init_from={looplm_dir}', '--loops=-1', '--device=cpu', '--dtype=float32'])
     with pytest.raises(ValueError, match=r'prompt of 7 tokens \+ 40 new tokens is longer than block_size 18'):
-        sample.main([f'--init_from={looplm_dir}', '--start=a=1 b=2 c=3 d=0 e=1 f=2 ?a', '--device=cpu', '--dtype=float32'])
+        sample.main([f'--init_from={looplm_dir}', '--start=a=1 b=2 c=3 d=0 e=1 f=2 ?a', '--max_new_tokens=40',
+                     '--device=cpu', '--dtype=float32'])
+    with pytest.raises(ValueError, match=r'prompt of 18 tokens \+ 1 new tokens is longer than block_size 18'):
+        sample.main([f'--init_from={looplm_dir}', '--start=' + 'a=1 ' * 18, '--device=cpu', '--dtype=float32'])
     with pytest.raises(FileNotFoundError, match=r"start file '.*missing.txt' does not exist"):
         sample.main([f'--init_from={looplm_dir}', f'--start=FILE:{tmp_path}/missing.txt', '--device=cpu', '--dtype=float32'])
 

@@ -86,20 +86,23 @@ PHASES = tuple(PHASE_DEFAULTS)
 
 
 def parse_args(argv, defaults=DEFAULTS):
-    """--key=value or --key value, typed like the default; unknown keys are an error."""
+    """--key=value or --key value (a bare --flag for True), typed like the default; unknown
+    keys are an error."""
     overrides, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith('--'):
             raise ValueError(f"expected --key=value, got {arg!r}")
         key, eq, value = arg[2:].partition('=')
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
         if key not in defaults:
             raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(defaults))}")
         default = defaults[key]
+        if not eq and isinstance(default, bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
+            value = 'True'  # a bare boolean flag
+        elif not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
         if isinstance(default, str):
             overrides[key] = value
         else:
