@@ -49,7 +49,7 @@ def model_shape(name):
     if name in SHAPES:
         return dict(SHAPES[name])
     if name.startswith('ouro:'):
-        from melt import read_ouro_config
+        from ouro import read_ouro_config
         return read_ouro_config(name.removeprefix('ouro:'))
     ckpt_file = os.path.join(name, 'ckpt.pt')
     if not os.path.isfile(ckpt_file):

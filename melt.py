@@ -14,9 +14,7 @@ References:
 3) nanoGPT's model.py (the shape of this file) and gpt-fast (the cache as a data structure).
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -242,71 +240,6 @@ class MELTConfig:
         return per_layer * self.n_layer * (1 if self.cache == 'melt' else (loops or self.n_loops))
 
 
-# Ouro's HuggingFace names differ from ours in a few module names; everything else is the same.
-OURO_MODULE_NAMES = {
-    'attn': 'self_attn',
-    'attn_norm_in': 'input_layernorm',  # Ouro's sandwich norms, in block order
-    'attn_norm_out': 'input_layernorm_2',
-    'mlp_norm_in': 'post_attention_layernorm',
-    'mlp_norm_out': 'post_attention_layernorm_2',
-    'exit_gate': 'early_exit_gate',
-}
-# config.json field -> MELTConfig field
-OURO_CONFIG_FIELDS = {
-    'vocab_size': 'vocab_size', 'max_position_embeddings': 'block_size',
-    'num_hidden_layers': 'n_layer', 'num_attention_heads': 'n_head',
-    'num_key_value_heads': 'n_kv_head', 'hidden_size': 'n_embd',
-    'intermediate_size': 'n_hidden', 'total_ut_steps': 'n_loops',
-    'rope_theta': 'rope_theta', 'rms_norm_eps': 'norm_eps',
-}
-
-
-def ouro_name(name):
-    """Our parameter name -> the name in an Ouro checkpoint, e.g.
-    layers.3.attn_norm_out.weight -> model.layers.3.input_layernorm_2.weight. MELT's gate
-    tensors become model.layers.{i}.self_attn.kv_gate.{w_z.weight, u_z.weight, b_z}."""
-    parts = [OURO_MODULE_NAMES.get(part, part) for part in name.split('.')]
-    return '.'.join(parts) if parts[0] == 'lm_head' else 'model.' + '.'.join(parts)
-
-
-def read_ouro_config(path):
-    """MELTConfig fields from an Ouro (or our exported) config.json."""
-    file = os.path.join(path, 'config.json')
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no config.json in {path!r}: expected a HuggingFace Ouro folder")
-    with open(file) as f:
-        hf = json.load(f)
-    if hf.get('model_type') != 'ouro':
-        raise ValueError(f"{file} has model_type {hf.get('model_type')!r}, expected 'ouro'")
-    missing = [k for k in OURO_CONFIG_FIELDS if k not in hf]
-    if missing:
-        raise ValueError(f"{file} lacks the Ouro fields {missing}")
-    if hf.get('tie_word_embeddings', False):
-        raise ValueError(f"{file} ties the embeddings; Ouro's LM head is untied")
-    fields = {ours: hf[theirs] for theirs, ours in OURO_CONFIG_FIELDS.items()}
-    head_dim = hf.get('head_dim', hf['hidden_size'] // hf['num_attention_heads'])
-    if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
-        raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
-                         f"!= hidden_size {hf['hidden_size']}, which this model needs")
-    fields.update(hf.get('melt', {}))  # our export adds cache, chunk_size, gate_bias_init; Ouro ignores it
-    return fields
-
-
-def ouro_tensor_files(path):
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    single, index = os.path.join(path, 'model.safetensors'), os.path.join(path, 'model.safetensors.index.json')
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
-        for shard in shards:
-            if not os.path.isfile(os.path.join(path, shard)):
-                raise FileNotFoundError(f"{index} lists {shard}, which is not in {path!r}")
-        return [os.path.join(path, shard) for shard in shards]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-
-
 def exit_distribution(exit_logits):
     """Ouro's exit distribution over loops from the per-loop gate logits (..., L):
     p_t = lambda_t * prod_{j<t}(1 - lambda_j) for t < L, and p_L = prod_{j<L}(1 - lambda_j)."""
@@ -350,46 +283,11 @@ class MELT(nn.Module):
 
     @classmethod
     def from_ouro(cls, path, cache='melt', dtype=None, **overrides):
-        """Load a HuggingFace Ouro folder (or one written by save_pretrained). cache='loop' is
-        exactly Ouro; cache='melt' adds gate tensors (reset_gates' init) unless the folder has
-        them; cache=None takes what the folder was saved as. The checkpoint's dtype is kept
-        unless dtype says otherwise. Tensors are read one by one from the memory-mapped files into a model built on
-        the meta device, so the weights are never held twice."""
-        from safetensors import safe_open
-        fields = read_ouro_config(path)
-        fields.update(cache=cache or fields.get('cache', 'loop'), **overrides)
-        config = MELTConfig(**fields)
-        with torch.device('meta'):
-            model = cls(config)
-        expected = {ouro_name(k): (k, p.shape) for k, p in model.state_dict().items()}
-        state = {}
-        for file in ouro_tensor_files(path):
-            with safe_open(file, framework='pt') as f:
-                for name in f.keys():
-                    if name not in expected:
-                        raise ValueError(f"unexpected tensor {name} in {file} for cache={config.cache!r}")
-                    ours, shape = expected[name]
-                    tensor = f.get_tensor(name)
-                    if tensor.shape != shape:
-                        raise ValueError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(shape)} from config.json")
-                    state[ours] = tensor if dtype is None else tensor.to(dtype)
-        gate_keys = {k for k in model.state_dict() if '.kv_gate.' in k}
-        new_gates = gate_keys - state.keys()
-        missing = sorted(ouro_name(k) for k in model.state_dict() if k not in state and k not in gate_keys)
-        if missing:
-            raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        if new_gates and new_gates != gate_keys:
-            raise ValueError(f"{path} has only some gate tensors; lacks e.g. {ouro_name(sorted(new_gates)[0])}")
-        like = state['embed_tokens.weight']
-        for k in new_gates:  # MELT's new parameters, filled in by reset_gates below
-            state[k] = torch.empty(expected[ouro_name(k)][1], dtype=like.dtype)
-        model.load_state_dict(state, assign=True)
-        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
-        model.rope_cos, model.rope_sin = cos, sin
-        if new_gates:
-            model.reset_gates()
-        return model
+        """Load a HuggingFace Ouro folder (or one written by save_pretrained): cache='loop' is
+        exactly Ouro, cache='melt' adds new gates (reset_gates), cache=None takes what the
+        folder was saved as. Keeps the checkpoint's dtype unless `dtype` says otherwise."""
+        from ouro import load_ouro  # Ouro's file formats live in ouro.py
+        return load_ouro(cls, path, cache, dtype, **overrides)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, **overrides):
@@ -397,23 +295,9 @@ class MELT(nn.Module):
         return cls.from_ouro(path, cache=None, dtype=dtype, **overrides)
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors in Ouro's naming (gates under
-        model.layers.{i}.self_attn.kv_gate.*). Each file is written to a temporary name and
-        then renamed, so an interrupted save leaves the previous files whole."""
-        from safetensors.torch import save_file
-        c = self.config
-        os.makedirs(path, exist_ok=True)
-        hf = {theirs: getattr(c, ours) for theirs, ours in OURO_CONFIG_FIELDS.items()}
-        hf.update(model_type='ouro', architectures=['OuroForCausalLM'], head_dim=c.head_dim,
-                  hidden_act='silu', tie_word_embeddings=False, early_exit_threshold=1.0,
-                  torch_dtype=str(self.lm_head.weight.dtype).removeprefix('torch.'))
-        hf['melt'] = {'cache': c.cache, 'chunk_size': c.chunk_size, 'gate_bias_init': c.gate_bias_init}
-        tensors = {ouro_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(path, 'model.safetensors.tmp'), metadata={'format': 'pt'})
-        with open(os.path.join(path, 'config.json.tmp'), 'w') as f:
-            json.dump(hf, f, indent=2)
-        os.replace(os.path.join(path, 'model.safetensors.tmp'), os.path.join(path, 'model.safetensors'))
-        os.replace(os.path.join(path, 'config.json.tmp'), os.path.join(path, 'config.json'))
+        """config.json + model.safetensors in Ouro's naming, gates under ...self_attn.kv_gate.*"""
+        from ouro import save_ouro
+        save_ouro(self, path)
 
     def as_cache(self, cache):
         """The same base weights as a 'melt' or 'loop' model: a LoopLM becomes MELT with new

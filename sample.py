@@ -16,7 +16,7 @@ import sys
 import torch
 
 from melt import MELT
-from train import load_checkpoint, parse_args, reason_task
+from train import DTYPES, load_checkpoint, parse_args, reason_task
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
@@ -71,7 +71,7 @@ def load(cfg):
     """(model, codec) for --init_from, with the cache kind --cache asks for."""
     source = cfg['init_from']
     if source.startswith('ouro:'):
-        from ouro_tokenizer import ouro_tokenizer, stop_ids
+        from ouro import ouro_tokenizer, stop_ids
         path = source.removeprefix('ouro:')
         model = MELT.from_ouro(path, cache=cfg['cache'] or 'melt')
         enc = ouro_tokenizer(path)
@@ -89,7 +89,7 @@ def load(cfg):
     if meta['tokenizer'] == 'gpt2':
         import tiktoken
         return model, TiktokenCodec(tiktoken.get_encoding('gpt2'))
-    from ouro_tokenizer import ouro_tokenizer, stop_ids
+    from ouro import ouro_tokenizer, stop_ids
     enc = ouro_tokenizer(meta['tokenizer_path'].removeprefix('ouro:'))
     return model, TiktokenCodec(enc, stop_ids(enc))
 
@@ -103,7 +103,7 @@ def read_prompt(cfg):
         with open(file, encoding='utf-8') as f:
             text = f.read()
     if cfg['chat']:
-        from ouro_tokenizer import chat_prompt
+        from ouro import chat_prompt
         text = chat_prompt([{'role': 'user', 'content': text}], thinking=cfg['thinking'])
     return text
 
@@ -117,8 +117,9 @@ def main(argv):
         raise ValueError(f"--cache must be 'melt' or 'loop', got {cfg['cache']!r}")
     torch.manual_seed(cfg['seed'])
     model, codec = load(cfg)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg['dtype']]
-    model.to(cfg['device'], ptdtype).eval()
+    if cfg['dtype'] not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    model.to(cfg['device'], DTYPES[cfg['dtype']]).eval()
     loops = cfg['loops'] or model.config.n_loops
     if isinstance(codec, WordCodec) and cfg['start'] == DEFAULTS['start']:
         # the reasoning task's model only answers queries: pose held-out problems instead
@@ -141,7 +142,8 @@ def main(argv):
         print(codec.decode(y[0].tolist()) + note)
         print('---------------')
     print(memory_line(model, kv, loops))
-    decoded = kv.loops_run[1:]
+    decode_steps = kv.length - len(ids)  # one chunk per decoded token, after the prefill's chunks
+    decoded = kv.loops_run[len(kv.loops_run) - decode_steps:] if decode_steps else []
     if cfg['exit_threshold'] and decoded:
         print(f"Q-exit at q={cfg['exit_threshold']}: {sum(decoded) / len(decoded):.2f} loops per decoded token "
               f"(of {loops})")

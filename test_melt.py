@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from melt import MELT, MELTConfig, exit_distribution
-from ouro_tokenizer import chat_prompt, ouro_tokenizer, stop_ids
+from ouro import chat_prompt, ouro_tokenizer, stop_ids
 
 TINY = dict(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
             n_hidden=48, n_loops=3, rope_theta=10000.0, chunk_size=4)
@@ -757,6 +757,8 @@ def test_bad_flags_and_mismatched_data(reason_data, looplm_dir, tmp_path):
         {'compile': True, 'max_iters': 5, 'decay_lr': False}
     with pytest.raises(ValueError, match=r"--phase must be one of loop, transition, distill, all, got 'distil'"):
         train.main(['--phase', 'distil'])
+    with pytest.raises(ValueError, match=r"--dtype must be one of float32, bfloat16, float16, got 'fp8'"):
+        train.main(['--phase=loop', '--dtype=fp8'])
     with pytest.raises(ValueError, match=r'--chunk_size must be >= 1, got 0'):
         train.main(['--phase=transition', '--chunk_size=0'])
     with pytest.raises(FileNotFoundError, match=r'no ckpt.pt in .*nowhere'):
@@ -861,9 +863,12 @@ def test_q_exit(looplm_dir, capsys):
         model.generate(ids, 8, top_k=1, exit_threshold=0.5, cache=kv)
         assert kv.loops_run == [3] + [1] * 7  # the prompt runs every loop; decoded tokens one
         assert kv.nbytes == model.config.kv_bytes_per_token(3, 4) * 11  # LoopLM rows were filled in
-    sample.main([f'--init_from={looplm_dir}', '--exit_threshold=1.5', '--num_samples=1', '--max_new_tokens=4', '--start=a=1 ?a',
-                 '--device=cpu', '--dtype=float32'])
-    assert re.search(r'Q-exit at q=1.5: 2.00 loops per decoded token \(of 2\)', capsys.readouterr().out)
+    capsys.readouterr()
+    kv = sample.main([f'--init_from={looplm_dir}', '--exit_threshold=1e-9', '--num_samples=1', '--max_new_tokens=5',
+                      '--start=a=1 b=2 c=3 d=0 ?a', '--chunk_size=2', '--device=cpu', '--dtype=float32'])
+    # q ~ 0: every decoded token stops after loop 1; the prefill's 3 chunks ran all 2 loops
+    assert kv.loops_run == [2, 2, 2, 1, 1, 1, 1]
+    assert re.search(r'Q-exit at q=1e-09: 1.00 loops per decoded token \(of 2\)', capsys.readouterr().out)
 
 
 def test_sample_errors(looplm_dir, tmp_path):

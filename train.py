@@ -83,6 +83,7 @@ PHASE_DEFAULTS = {
     'distill': dict(init_from='out/transition', teacher='out/loop', max_iters=300, learning_rate=5e-4, gate_lr=5e-3),
 }
 PHASES = tuple(PHASE_DEFAULTS)
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
 def parse_args(argv, defaults=DEFAULTS):
@@ -127,6 +128,8 @@ def phase_config(name, overrides):
     for key in ('loops', 'chunk_size', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
         if cfg[key] < 1:
             raise ValueError(f"--{key} must be >= 1, got {cfg[key]}")
+    if cfg['dtype'] not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     return cfg
 
 
@@ -296,7 +299,7 @@ def train(cfg):
     accum = cfg['gradient_accumulation_steps'] // world
     torch.manual_seed(cfg['seed'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg['dtype']]
+    ptdtype = DTYPES[cfg['dtype']]
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
     data = Data(cfg['dataset'], cfg['block_size'], device)
 

@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for ouro_tokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for ouro.py
 SHAKESPEARE = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
@@ -35,7 +35,7 @@ def load_encoding(tokenizer):
         import tiktoken
         return tiktoken.get_encoding('gpt2')
     if tokenizer.startswith('ouro:'):
-        from ouro_tokenizer import ouro_tokenizer
+        from ouro import ouro_tokenizer
         return ouro_tokenizer(tokenizer.removeprefix('ouro:'))
     raise ValueError(f"--tokenizer must be 'gpt2' or 'ouro:PATH', got {tokenizer!r}")
 
