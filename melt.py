@@ -14,7 +14,6 @@ References:
 3) nanoGPT's model.py (the shape of this file) and gpt-fast (the cache as a data structure).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch

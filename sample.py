@@ -10,13 +10,12 @@ $ python sample.py --exit_threshold 0.9             Ouro's Q-exit: a token stops
 Options as --key=value or --key value.
 """
 import os
-import pickle
 import sys
 
 import torch
 
 from melt import MELT
-from train import DTYPES, load_checkpoint, parse_args, reason_task
+from train import DTYPES, Data, load_checkpoint, parse_args, reason_task
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
@@ -80,10 +79,7 @@ def load(cfg):
         raise FileNotFoundError(f"no checkpoint folder {source!r}: run python train.py first, or pass --init_from")
     model, ckpt = load_checkpoint(source, 'cpu')
     model = model.as_cache(cfg['cache'] or model.config.cache)
-    dataset = ckpt['config']['dataset']
-    data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-    with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
-        meta = pickle.load(f)
+    meta = Data(ckpt['config']['dataset'], model.config.block_size, 'cpu').meta  # the training data's tokenizer
     if 'itos' in meta:
         return model, WordCodec(meta)
     if meta['tokenizer'] == 'gpt2':

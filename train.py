@@ -83,6 +83,7 @@ PHASE_DEFAULTS = {
     'distill': dict(init_from='out/transition', teacher='out/loop', max_iters=300, learning_rate=5e-4, gate_lr=5e-3),
 }
 PHASES = tuple(PHASE_DEFAULTS)
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -142,7 +143,7 @@ class Data:
     and DDP rank r takes the micro-batches a single process would take at r, r + world, ..."""
 
     def __init__(self, dataset, block_size, device):
-        self.dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+        self.dir = dataset if os.path.isdir(dataset) else os.path.join(DATA_DIR, dataset)
         meta_file = os.path.join(self.dir, 'meta.pkl')
         if not os.path.isfile(meta_file):
             raise FileNotFoundError(f"no meta.pkl in {self.dir}: run python {os.path.join(self.dir, 'prepare.py')} first")
@@ -173,19 +174,19 @@ def batch_seed(seed, iter_num, micro_step, split='train'):
 # losses
 
 def token_ce(logits, targets):
-    """Per-token cross entropy (B, T) and the mask of tokens that count."""
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction='none')
-    return ce, targets >= 0
+    """Per-token cross entropy (B, T); tokens with target -1 get a value the caller masks."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction='none')
 
 
 def ouro_loss(aux, targets, beta):
     """Ouro's objective: sum_t p_t * CE_t - beta * H(p), averaged over the counted tokens."""
     p = exit_distribution(aux['exit_logits'])  # (B, T, loops)
-    ce = torch.stack([token_ce(lg, targets)[0] for lg in aux['logits']], dim=-1)  # (B, T, loops)
+    ce = torch.stack([token_ce(lg, targets) for lg in aux['logits']], dim=-1)  # (B, T, loops)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
     mask = (targets >= 0).float()
+    counted = mask.sum().clamp_min(1)
     per_token = (p * ce).sum(-1) - beta * entropy
-    return (per_token * mask).sum() / mask.sum().clamp_min(1), {'ce': (ce[..., -1] * mask).sum() / mask.sum().clamp_min(1)}
+    return (per_token * mask).sum() / counted, {'ce': (ce[..., -1] * mask).sum() / counted}
 
 
 def kl_every_loop(student_aux, teacher_aux):
@@ -334,9 +335,9 @@ def train(cfg):
     def lr_scale(it):  # linear warmup, then cosine to 1/10
         if it < cfg['warmup_iters']:
             return (it + 1) / (cfg['warmup_iters'] + 1)
-        if not cfg['decay_lr'] or it >= cfg['max_iters']:
-            return 1.0 if not cfg['decay_lr'] else 0.1
-        progress = (it - cfg['warmup_iters']) / max(1, cfg['max_iters'] - cfg['warmup_iters'])
+        if not cfg['decay_lr']:
+            return 1.0
+        progress = min(1.0, (it - cfg['warmup_iters']) / max(1, cfg['max_iters'] - cfg['warmup_iters']))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     @torch.no_grad()
@@ -412,7 +413,7 @@ def train(cfg):
 
 def reason_task():
     """data/reason/prepare.py as a module (it holds the task's accuracy eval)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reason', 'prepare.py')
+    path = os.path.join(DATA_DIR, 'reason', 'prepare.py')
     spec = importlib.util.spec_from_file_location('reason_prepare', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -446,8 +447,8 @@ def main(argv):
         raise ValueError("the main job (--phase=all) runs on data/reason; pick a --phase for other data")
     if 'out_dir' in overrides:
         raise ValueError("--out_dir is per phase; the main job writes out/loop, out/transition, out/distill")
-    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reason', 'meta.pkl')):
-        reason_task().prepare(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reason'))
+    if not os.path.exists(os.path.join(DATA_DIR, 'reason', 'meta.pkl')):
+        reason_task().prepare(os.path.join(DATA_DIR, 'reason'))
     t0 = time.time()
     for name in PHASES:
         train(phase_config(name, overrides))
