@@ -1,15 +1,21 @@
 """
-Three measurements of MELT against the LoopLM, each printed as a small table:
+What a user asks of MELT against the LoopLM, as small tables:
 
-1. KV-cache memory, counted from a cache filled on the meta device (no weights, no compute):
-   bytes per token and at a context length, for loops 1, 2, 4, 8, 16.
-2. Decoding: a long prompt plus new tokens, at loops 4 and 8, MELT vs LoopLM with the same
-   weights: peak resident memory (each run in its own process), tokens/s, and their ratios.
-3. Training step time of MELT's chunk-wise forward for chunk sizes 1, 16, 64, 256 against
-   the LoopLM's parallel step.
+1. KV-cache memory, counted from a cache allocated on the meta device (no weights, no
+   compute): bytes per token and at a context length, for loops 1, 2, 4, 8, 16; and how many
+   sequences of that length fit in 80 GB in each mode.
+2. Generation: a long prompt prefilled chunk-wise, then greedy decoding, for each mode and
+   loop count, each run in a process of its own. Peak memory of the prefill and of the
+   decode (RSS on CPU, the CUDA peak on GPU) next to weights + KV, prefill seconds and decode
+   ms/token (on GPU also the bandwidth limit: bytes read per token / 4.8 TB/s).
+3. Training step (forward + backward) of MELT's chunk-wise forward for several chunk sizes
+   against the LoopLM's parallel step: time and peak memory (bytes allocated, and RSS), each
+   in a process of its own.
 
-$ python bench.py                                   all three, on the tiny model (CPU: ~2 min)
+$ python bench.py                                   all three, on the tiny model (CPU: ~3 min)
+$ python bench.py --only=generate --prompt_tokens=4096 --loops=4
 $ python bench.py --model=ouro-1.4b --only=memory   the paper's memory figures (bf16, 32,000 tokens)
+$ python bench.py --model=ouro-1.4b --device=cuda --prompt_tokens=32000 --new_tokens=12 --compile
 $ python bench.py --model=out/distill               a checkpoint's shape
 """
 import json
@@ -25,12 +31,17 @@ from train import parse_args
 
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
-only = ''  # '' (all) | memory | decode | train
+only = ''  # '' (all) | memory | generate | train
 context = 32_000  # tokens for the memory table's totals (the paper's "32K" is 32,000: 6.29 GB)
 bytes_per_element = 2  # bf16, as the paper counts
 prompt_tokens = 2048
 new_tokens = 64
-train_tokens = 256
+prefill_chunk = 64  # MELT's chunk size for the prefill (the LoopLM prefills in one chunk)
+loops = ''  # generation's loop counts, e.g. '4' or '1,4,8'; '' = 1,4,8
+train_tokens = 1024
+train_batch = 1
+threads = 0  # torch threads on CPU; 0 = torch's default
+compile = False  # generation: decode with torch.compile(model.decode_step) (CUDA graphs on GPU)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -42,6 +53,21 @@ SHAPES = {
     'ouro-1.4b': dict(OURO, n_layer=24),
     'ouro-2.6b': dict(OURO, n_layer=48),
 }
+HBM_BYTES_PER_S = 4.8e12  # H200
+SERVING_BYTES = 80e9
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM)."""
+    with open('/proc/self/status') as f:
+        return [int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM')][0]
+
+
+def reset_peak_rss():
+    """Start a new peak from what is resident now (Linux: 5 > /proc/self/clear_refs)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return peak_rss()
 
 
 def model_shape(name):
@@ -57,134 +83,280 @@ def model_shape(name):
     return torch.load(ckpt_file, map_location='cpu', weights_only=False)['model_args']
 
 
-def meta_model(shape, cache, dtype):
-    with torch.device('meta'):
-        return MELT(MELTConfig(**{**shape, 'cache': cache, 'block_size': 16})).to(dtype)
+def build(shape, mode, device, dtype, seed=0):
+    """A model of `shape` with random weights, made on `device` directly."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return MELT(MELTConfig(**{**shape, 'cache': mode})).to(dtype)
+
+
+def weight_bytes(m):
+    return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
 def memory_table(shape, context, element):
-    """Fills a cache with a few tokens on the meta device and counts the bytes it holds."""
+    """Allocates caches on the meta device and counts the bytes they hold."""
     dtype = {2: torch.bfloat16, 4: torch.float32}[element]
     print(f"\n1. KV cache, {element}-byte elements, at {context:,} tokens (MB and GB are 10^6 and 10^9 bytes)")
-    models = {cache: meta_model(shape, cache, dtype) for cache in ('melt', 'loop')}
-    for cache, m in models.items():
-        print(f"   weights ({'MELT' if cache == 'melt' else 'LoopLM'}): {m.get_num_params() * element / 1e9:.3f} GB")
-    print(f"   {'loops':>5} {'MELT MB/token':>14} {'LoopLM MB/token':>16} {'MELT GB':>9} {'LoopLM GB':>10} {'ratio':>6}")
+    shape = {**shape, 'block_size': max(shape['block_size'], context)}
+    models = {mode: build(shape, mode, 'meta', dtype) for mode in ('melt', 'loop')}
+    weights = {mode: weight_bytes(m) for mode, m in models.items()}
+    for mode, m in models.items():
+        print(f"   weights ({'MELT' if mode == 'melt' else 'LoopLM'}): {weights[mode] / 1e9:.3f} GB")
+    print(f"   {'loops':>5} {'MELT MB/token':>14} {'LoopLM MB/token':>16} {'MELT GB':>9} {'LoopLM GB':>10} {'ratio':>6}"
+          f"  {SERVING_BYTES / 1e9:.0f} GB holds, MELT / LoopLM")
     rows = []
-    tokens = 4
-    for loops in (1, 2, 4, 8, 16):
-        per_token = {}
-        for cache, m in models.items():
-            kv = m.new_cache(1, loops)
-            m(torch.zeros(1, tokens, dtype=torch.long, device='meta'), loops=loops, cache=kv)
-            per_token[cache] = kv.nbytes / tokens
-        melt_b, loop_b = per_token['melt'], per_token['loop']
-        rows.append((loops, melt_b, loop_b))
-        print(f"   {loops:>5} {melt_b / 1e6:>14.3f} {loop_b / 1e6:>16.3f} {melt_b * context / 1e9:>9.2f} "
-              f"{loop_b * context / 1e9:>10.2f} {loop_b / melt_b:>5.1f}x")
+    for n in (1, 2, 4, 8, 16):
+        held = {mode: m.new_cache(1, max_tokens=context, loops=n).nbytes for mode, m in models.items()}
+        fits = {mode: max(0, int((SERVING_BYTES - weights[mode]) // held[mode])) for mode in held}
+        rows.append((n, held['melt'] / context, held['loop'] / context))
+        print(f"   {n:>5} {held['melt'] / context / 1e6:>14.3f} {held['loop'] / context / 1e6:>16.3f} "
+              f"{held['melt'] / 1e9:>9.2f} {held['loop'] / 1e9:>10.2f} {held['loop'] / held['melt']:>5.1f}x"
+              f"  {fits['melt']:>4} / {fits['loop']} sequences")
     return rows
 
 
-DECODE_CHILD = r'''
-import json, sys, time, torch
-from melt import MELT, MELTConfig
-def peak():
-    return [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
-shape, cache, loops, prompt, new, device = json.loads(sys.argv[1])
-torch.manual_seed(0)
-model = MELT(MELTConfig(**{**shape, 'cache': 'melt'})).to(device).eval().as_cache(cache)
-idx = torch.randint(0, shape['vocab_size'], (1, prompt), device=device)
-with torch.no_grad():
-    model(idx[:, :8], loops=1)  # warm up kernels outside the measurement
-before = peak()
-if device.startswith('cuda'):
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-kv = model.new_cache(1, loops)
-t0 = time.time()
-out = model.generate(idx, new, loops=loops, top_k=1, chunk_size=64, cache=kv)
-if device.startswith('cuda'):
-    torch.cuda.synchronize()
-seconds = time.time() - t0
-cuda_peak = torch.cuda.max_memory_allocated() if device.startswith('cuda') else 0
-print(json.dumps({'rss': peak() - before, 'cache': kv.nbytes, 'seconds': seconds, 'cuda': cuda_peak}))
-'''
+def measure_generate(shape, mode, loops, prompt, new, chunk, device, compiled):
+    """One generation run; returns what it measured (bytes and seconds). Run in a fresh
+    process: a peak belongs to the process."""
+    cuda = device.startswith('cuda')
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, mode, device, dtype).eval()
+    idx = torch.randint(0, shape['vocab_size'], (1, prompt), device=device)
+    step = None
+    if compiled:
+        step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
+    with torch.no_grad():  # warm up kernels (and compile) outside the measurement
+        model.generate(idx[:, :16], 4 if compiled else 1, loops=loops, top_k=1, decode_step=step)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def now_peak():
+        sync()
+        return torch.cuda.max_memory_allocated() if cuda else peak_rss()
+
+    def reset():
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return reset_peak_rss()
+
+    base = reset()  # weights (and, on CPU, the process) before the cache exists
+    cache = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits, _ = model(idx, loops=loops, chunk_size=chunk, cache=cache, last_only=True)
+    prefill_peak, prefill_s = now_peak(), time.perf_counter() - t0
+    reset()
+    times = []
+    with torch.no_grad():
+        for _ in range(new - 1):
+            t0 = time.perf_counter()
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            if step is None:
+                logits, _ = model(nxt, loops=loops, cache=cache)
+            else:
+                logits = step(nxt, cache, torch.tensor([cache.length], device=device), loops).clone()
+                cache.commit(1, loops)
+            sync()
+            times.append(time.perf_counter() - t0)
+    decode_peak = now_peak()
+    times = sorted(times[1:])  # the first step after the prefill may still warm up
+    weights = weight_bytes(model)
+    return {'weights': weights, 'kv': cache.nbytes, 'base': base, 'prefill_peak': prefill_peak,
+            'decode_peak': decode_peak, 'prefill_s': prefill_s, 'decode_ms': 1000 * times[len(times) // 2],
+            'cuda': cuda}
 
 
-def decode_table(shape, prompt, new, device):
-    print(f"\n2. Decoding {prompt:,} prompt + {new} new tokens, greedy, same weights; one process per run "
-          f"(peak RSS grown during the run)")
-    head = f"   {'loops':>5} {'cache':>6} {'KV MB':>8} {'peak RSS MB':>12} {'tokens/s':>9}"
-    print(head + ('  peak CUDA MB' if device.startswith('cuda') else ''))
+def read_bytes_per_token(shape, mode, loops, context, weights, element):
+    """A decode step reads every layer's weights once per loop, the head once, and the KV
+    cache: MELT's whole cache at every loop, the LoopLM's loop-t cache at loop t."""
+    d, V = shape['n_embd'], shape['vocab_size']
+    layer_weights = weights - 2 * V * d * element - (d + 1) * element
+    kv_row = 2 * shape['n_layer'] * shape['n_kv_head'] * (d // shape['n_head']) * element
+    return layer_weights * loops + V * d * element + kv_row * context * loops
+
+
+def run_child(kind, *args):
     here = os.path.dirname(os.path.abspath(__file__))
-    results = {}
-    for loops in (4, 8):
-        for cache in ('melt', 'loop'):
-            arg = json.dumps([shape, cache, loops, prompt, new, device])
-            run = subprocess.run([sys.executable, '-c', DECODE_CHILD, arg], capture_output=True, text=True, cwd=here)
-            if run.returncode:
-                raise RuntimeError(run.stderr[-2000:])
-            r = json.loads(run.stdout.strip().splitlines()[-1])
-            r['tps'] = (prompt + new) / r['seconds']
-            results[loops, cache] = r
-            print(f"   {loops:>5} {cache:>6} {r['cache'] / 1e6:>8.2f} {r['rss'] / 1e6:>12.1f} {r['tps']:>9.1f}"
-                  + (f"  {r['cuda'] / 1e6:>12.1f}" if device.startswith('cuda') else ''))
-        m, lp = results[loops, 'melt'], results[loops, 'loop']
-        print(f"   {loops:>5} {'ratio':>6} {lp['cache'] / m['cache']:>7.1f}x {lp['rss'] / max(m['rss'], 1):>11.1f}x "
-              f"{m['tps'] / lp['tps']:>8.2f}x   (LoopLM / MELT memory, MELT / LoopLM speed)")
-    return results
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, *args])],
+                         capture_output=True, text=True, cwd=here)
+    if run.returncode:
+        raise RuntimeError(f"bench child {kind} {args[1:]} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def train_table(shape, tokens, device, batch=4):
-    print(f"\n3. Training step (forward + backward), batch {batch} x {tokens} tokens, {shape['n_loops']} loops")
-    print(f"   {'mode':<16} {'ms/step':>9} {'vs LoopLM':>10}")
-    torch.manual_seed(0)
-    base = MELT(MELTConfig(**{**shape, 'cache': 'melt', 'block_size': max(tokens, 16)})).to(device)
-    x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
-    rows = []
-    for name, m, chunk in [('LoopLM parallel', base.as_cache('loop'), None)] + \
-                          [(f'MELT chunk {c}', base, c) for c in (1, 16, 64, 256) if c <= tokens]:
-        times = []
-        for _ in range(2):  # the first step warms up; the second is timed
-            t0 = time.time()
-            _, loss = m(x, x, chunk_size=chunk)
-            loss.backward()
-            if device.startswith('cuda'):
-                torch.cuda.synchronize()
-            times.append(time.time() - t0)
-        rows.append((name, times[-1]))
-        print(f"   {name:<16} {times[-1] * 1000:>9.1f} {times[-1] / rows[0][1]:>9.1f}x")
+def generate_table(shape, prompt, new, chunk, loop_counts, device, compiled):
+    cuda = device.startswith('cuda')
+    where = 'peak CUDA memory allocated' if cuda else 'peak RSS grown past the process with its weights'
+    print(f"\n2. Generation: {prompt:,}-token prompt (MELT prefills in chunks of {chunk}), then {new} greedy tokens; "
+          f"{'compiled' if compiled else 'eager'} decode; one process per row; MB = 10^6 bytes; {where}")
+    print(f"   {'loops':>5} {'mode':>6} {'weights':>8} {'KV':>8} {'prefill peak':>13} {'decode peak':>12} "
+          f"{'beyond W+KV':>12} {'prefill s':>10} {'decode ms/token':>16}" + ('  bandwidth limit ms' if cuda else ''))
+    rows = {}
+    for n in loop_counts:
+        for mode in ('melt', 'loop'):
+            r = run_child('generate', shape, mode, n, prompt, new, chunk, device, compiled)
+            # a CUDA peak counts everything allocated, weights included; an RSS peak is taken
+            # from the process with its weights loaded (torch's own libraries are not ours)
+            peaks = (r['prefill_peak'], r['decode_peak']) if cuda else \
+                (r['prefill_peak'] - r['base'], r['decode_peak'] - r['base'])
+            r['beyond'] = max(peaks) - r['kv'] - (r['weights'] if cuda else 0)
+            if cuda:
+                r['ratio'] = max(peaks) / (r['weights'] + r['kv'])
+                r['limit_ms'] = 1000 * read_bytes_per_token(shape, mode, n, prompt, r['weights'], 2) / HBM_BYTES_PER_S
+            rows[n, mode] = r
+            print(f"   {n:>5} {mode:>6} {r['weights'] / 1e6:>8.1f} {r['kv'] / 1e6:>8.1f} {peaks[0] / 1e6:>13.1f} "
+                  f"{peaks[1] / 1e6:>12.1f} {r['beyond'] / 1e6:>12.1f} {r['prefill_s']:>10.2f} {r['decode_ms']:>16.2f}"
+                  + (f"  {r['limit_ms']:>18.2f}" if cuda else ''), flush=True)
+    if cuda:
+        print("   peak / (weights + KV): " + ', '.join(f"{mode} {n}: {r['ratio']:.3f}" for (n, mode), r in rows.items()))
     return rows
+
+
+def peak_allocated(step):
+    """Run step() under torch's profiler and return the peak of the bytes its tensors held
+    at once on the CPU (the profiler's allocation events, added up in time order): the
+    CPU counterpart of torch.cuda.max_memory_allocated, free of the allocator's slack."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def measure_train(shape, mode, chunk, tokens, batch, device):
+    """Forward + backward in a fresh process: the peak memory the first step added (RSS or
+    CUDA), on CPU the peak bytes allocated by a second (peak_allocated), the third's seconds."""
+    cuda = device.startswith('cuda')
+    model = build({**shape, 'block_size': max(shape['block_size'], tokens)}, 'melt', device, torch.float32)
+    model = model.as_cache(mode)
+    x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
+    _, loss = model(x[:, :16], x[:, :16], chunk_size=min(chunk or 16, 16))  # load kernels
+    loss.backward()
+    model.zero_grad(set_to_none=False)  # gradients are allocated, as in training
+    del loss, _
+
+    def step():
+        _, loss = model(x, x, chunk_size=chunk)
+        loss.backward()
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
+    step()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    allocated = peak - base if cuda else peak_allocated(step)
+    t0 = time.perf_counter()
+    step()  # timed apart from the first, which still sets up kernels and buffers
+    if cuda:
+        torch.cuda.synchronize()
+    return {'seconds': time.perf_counter() - t0, 'peak': peak - base, 'allocated': allocated}
+
+
+def predicted_train_bytes(shape, tokens, batch):
+    """A rough upper bound on a step's activations (fp32): per token, loop and layer about 24
+    vectors of width d and 4 of the MLP's width; per token and loop the logits, 3 times."""
+    d, loops = shape['n_embd'], shape['n_loops']
+    per_token_loop = shape['n_layer'] * (24 * d + 4 * shape['n_hidden']) + 3 * shape['vocab_size']
+    return 4 * batch * tokens * loops * per_token_loop
+
+
+def train_table(shape, tokens, batch, device):
+    cuda = device.startswith('cuda')
+    print(f"\n3. Training step (forward + backward), batch {batch} x {tokens} tokens, {shape['n_loops']} loops, fp32; "
+          f"one process per row; peak {'CUDA memory allocated' if cuda else 'bytes allocated and peak RSS'}, "
+          f"grown during the step (MB = 10^6 bytes)")
+    print(f"   {'mode':<16} {'ms/step':>9} {'vs LoopLM':>10} {'allocated':>10} {'vs LoopLM':>10}"
+          + ('' if cuda else f" {'RSS':>8} {'vs LoopLM':>10}"))
+    need = predicted_train_bytes(shape, tokens, batch)
+    have = torch.cuda.mem_get_info()[0] if cuda else os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    if need > 0.8 * have:
+        print(f"   (skipped: a step needs about {need / 1e9:.1f} GB of activations, {have / 1e9:.1f} GB is free; "
+              f"try --train_tokens={tokens // 4} or --train_batch=1)")
+        return []
+    rows = []
+    configs = [('LoopLM parallel', 'loop', None)] + [(f'MELT chunk {c}', 'melt', c) for c in (16, 64, 256, tokens)
+                                                      if c <= tokens]
+    for name, mode, chunk in dict.fromkeys(configs):
+        r = run_child('train', shape, mode, chunk, tokens, batch, device)
+        rows.append((name, r))
+        first = rows[0][1]
+        print(f"   {name:<16} {r['seconds'] * 1000:>9.1f} {r['seconds'] / first['seconds']:>9.2f}x "
+              f"{r['allocated'] / 1e6:>10.1f} {r['allocated'] / first['allocated']:>9.2f}x"
+              + ('' if cuda else f" {r['peak'] / 1e6:>8.1f} {r['peak'] / first['peak']:>9.2f}x"), flush=True)
+    if not cuda:
+        print("   (RSS also counts what glibc keeps of freed blocks; the many small tensors of small chunks leave "
+              "more of it)")
+    return rows
+
+
+def check(cfg):
+    if cfg['only'] not in ('', 'memory', 'generate', 'train'):
+        raise ValueError(f"--only must be memory, generate or train, got {cfg['only']!r}")
+    if cfg['bytes_per_element'] not in (2, 4):
+        raise ValueError(f"--bytes_per_element must be 2 (bf16) or 4 (fp32), got {cfg['bytes_per_element']}")
+    for key in ('context', 'prompt_tokens', 'new_tokens', 'prefill_chunk', 'train_tokens', 'train_batch'):
+        if cfg[key] < 1 + (key == 'new_tokens'):
+            raise ValueError(f"--{key} must be >= {1 + (key == 'new_tokens')}, got {cfg[key]}")
+    if cfg['device'].startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"--device={cfg['device']}, but this machine has no CUDA device; use --device=cpu")
+    try:
+        counts = [int(s) for s in cfg['loops'].split(',')] if cfg['loops'] else [1, 4, 8]
+    except ValueError:
+        counts = [0]
+    if min(counts) < 1:
+        raise ValueError(f"--loops must be loop counts >= 1 separated by commas, e.g. 1,4,8; got {cfg['loops']!r}")
+    return counts
 
 
 def main(argv):
     cfg = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
-    if cfg['only'] not in ('', 'memory', 'decode', 'train'):
-        raise ValueError(f"--only must be memory, decode or train, got {cfg['only']!r}")
-    if cfg['bytes_per_element'] not in (2, 4):
-        raise ValueError(f"--bytes_per_element must be 2 (bf16) or 4 (fp32), got {cfg['bytes_per_element']}")
+    loop_counts = check(cfg)
+    if cfg['threads']:  # this process and the measuring ones it starts
+        os.environ['OMP_NUM_THREADS'] = str(cfg['threads'])
+        torch.set_num_threads(cfg['threads'])
     shape = model_shape(cfg['model'])
     shape = {k: v for k, v in shape.items() if k not in ('cache', 'chunk_size', 'gate_bias_init')}
     print(f"model {cfg['model']}: {shape['n_layer']} layers, d={shape['n_embd']}, {shape['n_kv_head']} KV heads "
-          f"of {shape['n_embd'] // shape['n_head']}, trained loops {shape['n_loops']}")
+          f"of {shape['n_embd'] // shape['n_head']}, trained loops {shape['n_loops']}; device {cfg['device']}")
     if cfg['only'] in ('', 'memory'):
         memory_table(shape, cfg['context'], cfg['bytes_per_element'])
     small = shape['n_embd'] * shape['n_layer'] <= 4096 or cfg['device'].startswith('cuda')
-    if cfg['only'] in ('', 'decode'):
+    if cfg['only'] in ('', 'generate'):
         if small:
-            need = cfg['prompt_tokens'] + cfg['new_tokens']
-            decode_table({**shape, 'block_size': max(shape['block_size'], need)}, cfg['prompt_tokens'],
-                         cfg['new_tokens'], cfg['device'])
+            generate_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], cfg['prefill_chunk'], loop_counts,
+                           cfg['device'], cfg['compile'])
         else:
-            print("\n2. (decoding skipped: random weights of this size are for a GPU; use --device=cuda)")
+            print("\n2. (generation skipped: random weights of this size are for a GPU; use --device=cuda)")
     if cfg['only'] in ('', 'train'):
         if small:
-            train_table(shape, cfg['train_tokens'], cfg['device'])
+            train_table(shape, cfg['train_tokens'], cfg['train_batch'], cfg['device'])
         else:
             print("\n3. (training step skipped for this size on CPU; use --device=cuda)")
 
 
+def child(spec):
+    """`python bench.py --child JSON`: one measurement in a fresh process, printed as JSON."""
+    kind, *args = json.loads(spec)
+    print(json.dumps((measure_generate if kind == 'generate' else measure_train)(*args)))
+
+
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    if sys.argv[1:2] == ['--child']:
+        child(sys.argv[2])
+    else:
+        try:
+            main(sys.argv[1:])
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")

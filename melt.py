@@ -14,15 +14,18 @@ References:
 3) nanoGPT's model.py (the shape of this file) and gpt-fast (the cache as a data structure).
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back to the input dtype before the weight (as Ouro)."""
+    """RMSNorm computed in fp32 (or wider), cast back to the input dtype before the weight (as Ouro)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -30,7 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -49,65 +52,124 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+class Chunk(NamedTuple):
+    """Where one chunk of tokens sits while its loops run: the rotations, mask and rows of
+    its tokens, how many cached rows it sees, the cache it reads and writes, and alpha."""
+    cos: torch.Tensor  # (C, hs)
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]  # (C, n_seen), True where a query may see a key; None: sees all
+    is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
+    pos: torch.Tensor  # (C,) the chunk's positions = its rows in the cache
+    n_seen: int  # cached rows the chunk attends to, its own included
+    cache: object  # a KVCache (inference) or a ChunkMemory (a forward without a cache)
+    alpha: float
+
+
 class KVCache:
-    """The keys and values a model keeps between calls; its shape is the memory story.
+    """The keys and values kept between calls, in buffers allocated once; their shapes are
+    the memory story:
 
-    melt[layer]        = (k, v), each (B, n_kv_head, S, hs): one row per token, no loop axis.
-    loop[loop][layer]  = (k, v), the LoopLM's cache: one per (loop, layer).
-    A MELT model with 0 < alpha < 1 (phase 1) keeps both. Tensors grow with the tokens held,
-    so nbytes counts exactly what is in memory now.
-    """
+        MELT    k, v            (n_layer, B, n_kv_head, max_tokens, hs)          no loop axis
+        LoopLM  k_loop, v_loop  (loops, n_layer, B, n_kv_head, max_tokens, hs)
 
-    def __init__(self, n_layer, batch_size, loops, alpha):
-        self.batch_size, self.loops, self.alpha = batch_size, loops, alpha
-        self.length = 0  # tokens held
-        self.melt = [None] * n_layer if alpha > 0 else None
-        self.loop = [[None] * n_layer for _ in range(loops)] if alpha < 1 else None
-        self.pending = [None] * n_layer  # the current chunk's latest gated K/V, per layer
+    A phase-1 cache (0 < alpha < 1) holds both. The rule, at every (loop, layer): a chunk
+    writes its K/V into its own rows, then attends to rows [0, its last row]. MELT writes the
+    same rows at every loop, so once the chunk's last loop is done they hold its final K/V;
+    commit() then moves `length` past them. Nothing is ever concatenated or reallocated."""
+
+    def __init__(self, config, batch_size, max_tokens, loops, alpha, device=None, dtype=None):
+        self.batch_size, self.max_tokens, self.loops, self.alpha = batch_size, max_tokens, loops, alpha
+        self.length = 0  # tokens committed
         self.loops_run = []  # loops each committed chunk ran (fewer than asked after a Q-exit)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_tokens, config.head_dim)
+        new = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
+        self.k, self.v = (new(shape), new(shape)) if alpha > 0 else (None, None)
+        self.k_loop, self.v_loop = (new(loops, *shape), new(loops, *shape)) if alpha < 1 else (None, None)
 
-    def tensors(self):
-        kvs = list(self.melt or []) + [kv for per_loop in (self.loop or []) for kv in per_loop]
-        return [t for kv in kvs if kv is not None for t in kv]
+    def buffers(self):
+        return [t for t in (self.k, self.v, self.k_loop, self.v_loop) if t is not None]
 
     @property
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
-    def attend_melt(self, layer, k, v):
-        """The chunk's gated K/V overwrite its pending row at every loop; earlier tokens'
-        rows hold their final K/V. Returns what the chunk attends to at this loop."""
-        self.pending[layer] = (k, v)
-        if self.melt[layer] is None:
-            return k, v
-        k_past, v_past = self.melt[layer]
-        return torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
+    def write_melt(self, layer, k, v, chunk):
+        """MELT: the chunk's latest gated K/V (B, n_kv_head, C, hs) overwrite its rows."""
+        self.k[layer][:, :, chunk.pos] = k
+        self.v[layer][:, :, chunk.pos] = v
+        return [self.k[layer][:, :, :chunk.n_seen]], [self.v[layer][:, :, :chunk.n_seen]]
 
-    def attend_loop(self, loop, layer, k, v):
-        """LoopLM: at loop t the chunk appends its loop-t K/V and sees every token's loop-t K/V."""
-        if self.loop[loop][layer] is not None:
-            k_past, v_past = self.loop[loop][layer]
-            k, v = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
-        self.loop[loop][layer] = (k, v)
-        return k, v
+    def write_loop(self, loop, layer, k, v, chunk):
+        """LoopLM: at loop t the chunk writes its loop-t K/V and sees every token's loop-t K/V."""
+        self.k_loop[loop, layer][:, :, chunk.pos] = k
+        self.v_loop[loop, layer][:, :, chunk.pos] = v
+        return [self.k_loop[loop, layer][:, :, :chunk.n_seen]], [self.v_loop[loop, layer][:, :, :chunk.n_seen]]
 
     def commit(self, n_tokens, loops_run):
-        """End of a chunk: its pending MELT rows become final. A LoopLM token that exited
-        early (Q-exit) has no K/V for later loops: we repeat its last computed loop's K/V
-        there, i.e. later tokens see Ouro's 'last loop' sharing for it (our choice)."""
-        if self.melt is not None:
-            for layer, (k, v) in enumerate(self.pending):
-                if self.melt[layer] is not None:
-                    k = torch.cat([self.melt[layer][0], k], dim=2)
-                    v = torch.cat([self.melt[layer][1], v], dim=2)
-                self.melt[layer] = (k, v)
-        if self.loop is not None:
-            for t in range(loops_run, self.loops):
-                for layer, (k_last, v_last) in enumerate(self.loop[loops_run - 1]):
-                    self.attend_loop(t, layer, k_last[:, :, -n_tokens:], v_last[:, :, -n_tokens:])
-        self.pending = [None] * len(self.pending)
+        """End of a chunk: its rows now hold final K/V. A LoopLM token that exited early
+        (Q-exit) has no K/V for later loops: we copy its last computed loop's K/V there, i.e.
+        later tokens see Ouro's 'last loop' sharing for it (our choice)."""
+        rows = slice(self.length, self.length + n_tokens)
+        if self.k_loop is not None and loops_run < self.loops:
+            for buf in (self.k_loop, self.v_loop):
+                buf[loops_run:, :, :, :, rows] = buf[loops_run - 1, :, :, :, rows]
         self.length += n_tokens
         self.loops_run.append(loops_run)
+
+
+class ChunkMemory:
+    """What a forward without a KVCache (training, scoring) keeps of earlier chunks: each
+    chunk's final K/V as a tensor of its own, per layer (MELT) or per (loop, layer) (LoopLM).
+    Autograd then holds every token's K/V once; attention joins the pieces inside activation
+    checkpointing, so backward recomputes the join instead of storing one per chunk."""
+
+    def __init__(self, n_layer, loops, alpha):
+        self.loops, self.alpha, self.length, self.loops_run = loops, alpha, 0, []
+        self.k = [[] for _ in range(n_layer)] if alpha > 0 else None
+        self.v = [[] for _ in range(n_layer)] if alpha > 0 else None
+        self.k_loop = [[[] for _ in range(n_layer)] for _ in range(loops)] if alpha < 1 else None
+        self.v_loop = [[[] for _ in range(n_layer)] for _ in range(loops)] if alpha < 1 else None
+        self.pending = [None] * n_layer  # the current chunk's latest gated K/V, per layer
+
+    def write_melt(self, layer, k, v, chunk):
+        self.pending[layer] = (k, v)
+        return self.k[layer] + [k], self.v[layer] + [v]
+
+    def write_loop(self, loop, layer, k, v, chunk):
+        self.k_loop[loop][layer].append(k)
+        self.v_loop[loop][layer].append(v)
+        return list(self.k_loop[loop][layer]), list(self.v_loop[loop][layer])
+
+    def commit(self, n_tokens, loops_run):
+        if self.k is not None:
+            for layer, (k, v) in enumerate(self.pending):
+                self.k[layer].append(k)
+                self.v[layer].append(v)
+        if self.k_loop is not None:  # Q-exit: as in KVCache.commit
+            for t in range(loops_run, self.loops):
+                for layer in range(len(self.pending)):
+                    self.k_loop[t][layer].append(self.k_loop[loops_run - 1][layer][-1])
+                    self.v_loop[t][layer].append(self.v_loop[loops_run - 1][layer][-1])
+        self.length += n_tokens
+        self.loops_run.append(loops_run)
+
+
+def attend(q, kv_melt, kv_loop, alpha, mask, is_causal, group):
+    """Attention of q (B, nh, C, hs) over what the cache returned: (keys, values), each a list
+    of pieces along the token axis, for MELT and/or the LoopLM. At 0 < alpha < 1 (phase 1)
+    K/V = alpha * KV_MELT + (1 - alpha) * KV_LoopLM, past tokens included."""
+    def join(pieces):
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    if kv_loop is None:
+        k, v = join(kv_melt[0]), join(kv_melt[1])
+    elif kv_melt is None:
+        k, v = join(kv_loop[0]), join(kv_loop[1])
+    else:
+        k = alpha * join(kv_melt[0]) + (1 - alpha) * join(kv_loop[0])
+        v = alpha * join(kv_melt[1]) + (1 - alpha) * join(kv_loop[1])
+    if group > 1:  # grouped K/V: query head i uses K/V head i // group
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # scale hs^-0.5
 
 
 class KVGate(nn.Module):
@@ -127,8 +189,9 @@ class KVGate(nn.Module):
 
 class Attention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
+        self.layer = layer  # its index: which cache rows are its own
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
@@ -136,35 +199,29 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.kv_gate = KVGate(config.n_embd) if config.cache == 'melt' else None
 
-    def project_kv(self, h, cos, sin):
+    def project_kv(self, h, chunk):
         B, C, _ = h.shape
         k = self.k_proj(h).view(B, C, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, C, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rope(k, cos, sin), v  # (B, nkv, C, hs)
+        return apply_rope(k, chunk.cos, chunk.sin), v  # (B, nkv, C, hs)
 
-    def forward(self, x, h_prev, cos, sin, mask, cache, layer, loop, alpha):
+    def forward(self, x, h_prev, loop, chunk):
         """x: this layer's normed attention input (B, C, d); h_prev: the gated latent of the
         previous loop (None at loop 1). Returns the attention output and the new latent."""
         B, C, _ = x.shape
         q = self.q_proj(x).view(B, C, self.n_head, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)  # (B, nh, C, hs): the query always comes from x
-        h = None
-        if alpha > 0:  # MELT: keys and values from the gated latent h (h^1 = x^1, a guess)
+        q = apply_rope(q, chunk.cos, chunk.sin)  # (B, nh, C, hs): the query always comes from x
+        h = kv_melt = kv_loop = None
+        if chunk.alpha > 0:  # MELT: keys and values from the gated latent h (h^1 = x^1, a guess)
             h = x if h_prev is None else self.kv_gate(x, h_prev)
-            k_melt, v_melt = cache.attend_melt(layer, *self.project_kv(h, cos, sin))
-        if alpha < 1:  # LoopLM: keys and values from x, one cache per loop
-            k_loop, v_loop = cache.attend_loop(loop, layer, *self.project_kv(x, cos, sin))
-        if alpha == 1:
-            k, v = k_melt, v_melt
-        elif alpha == 0:
-            k, v = k_loop, v_loop
-        else:  # phase 1: K/V = alpha * KV_MELT + (1 - alpha) * KV_LoopLM, past tokens included
-            k = alpha * k_melt + (1 - alpha) * k_loop
-            v = alpha * v_melt + (1 - alpha) * v_loop
-        if self.n_kv_head != self.n_head:  # grouped K/V: query head i uses K/V head i // group
-            group = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale hs^-0.5
+            kv_melt = chunk.cache.write_melt(self.layer, *self.project_kv(h, chunk), chunk)
+        if chunk.alpha < 1:  # LoopLM: keys and values from x, one cache per loop
+            kv_loop = chunk.cache.write_loop(loop, self.layer, *self.project_kv(x, chunk), chunk)
+        args = (q, kv_melt, kv_loop, chunk.alpha, chunk.mask, chunk.is_causal, self.n_head // self.n_kv_head)
+        if torch.is_grad_enabled() and chunk.cache.length > 0:  # training past the first chunk
+            y = checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
+        else:
+            y = attend(*args)
         y = y.transpose(1, 2).reshape(B, C, self.n_head * self.head_dim)
         return self.o_proj(y), h
 
@@ -185,17 +242,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Ouro's sandwich-norm block: each sublayer's input AND output are RMS-normed."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.attn_norm_in = RMSNorm(config.n_embd, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.attn_norm_out = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp_norm_in = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
         self.mlp_norm_out = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x, h_gate, cos, sin, mask, cache, layer, loop, alpha):
-        a, h_gate = self.attn(self.attn_norm_in(x), h_gate, cos, sin, mask, cache, layer, loop, alpha)
+    def forward(self, x, h_gate, loop, chunk):
+        a, h_gate = self.attn(self.attn_norm_in(x), h_gate, loop, chunk)
         attn_out = self.attn_norm_out(a)  # what phase 2 aligns: the sublayer's output (a guess)
         x = x + attn_out
         x = x + self.mlp_norm_out(self.mlp(self.mlp_norm_in(x)))
@@ -255,7 +312,7 @@ class MELT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.layers = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
         self.norm = RMSNorm(config.n_embd, config.norm_eps)  # applied after EVERY loop
         self.exit_gate = nn.Linear(config.n_embd, 1)  # early-exit logit per loop
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
@@ -315,9 +372,15 @@ class MELT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch_size, loops=None, alpha=None):
-        loops = self._check_loops(loops)
-        return KVCache(self.config.n_layer, batch_size, loops, self._check_alpha(alpha))
+    def new_cache(self, batch_size, max_tokens=None, loops=None, alpha=None):
+        """An empty KVCache for up to max_tokens tokens (default block_size), allocated now on
+        the model's device and in its dtype. A LoopLM cache is made for one loop count."""
+        max_tokens = self.config.block_size if max_tokens is None else max_tokens
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.config.block_size:
+            raise ValueError(f"max_tokens must be between 1 and block_size {self.config.block_size}, got {max_tokens!r}")
+        w = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_tokens, self._check_loops(loops), self._check_alpha(alpha),
+                       device=w.device, dtype=w.dtype)
 
     def _check_loops(self, loops):
         loops = self.config.n_loops if loops is None else loops
@@ -335,85 +398,107 @@ class MELT(nn.Module):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         return alpha
 
-    def forward(self, idx, targets=None, loops=None, chunk_size=None, alpha=None, cache=None,
-                return_aux=False, exit_threshold=None):
-        """idx (B, T) token ids. Runs chunk by chunk; every chunk runs all its loops before the
-        next chunk starts, so a chunk sees the FINAL K/V of earlier chunks (spec section 3).
-        With a cache the new tokens are appended to it (prefill or decode).
-        Returns (logits of the last loop run (B, T, V), loss); with return_aux also a dict with
-        'logits' and 'exit_logits' per loop and 'attn' = [loop][layer] attention outputs."""
+    def _check_call(self, idx, loops, chunk_size, alpha, cache):
+        """The arguments of forward, checked; returns (loops, alpha, chunk_size, cache)."""
         B, T = idx.shape
         loops = self._check_loops(loops)
-        if cache is not None:
+        if cache is None:  # lives for this call only
+            alpha = self._check_alpha(alpha)
+            cache = ChunkMemory(self.config.n_layer, loops, alpha)
+            limit, what = self.config.block_size, 'block_size'
+        else:
             if alpha is not None and self._check_alpha(alpha) != cache.alpha:
                 raise ValueError(f"cache was made for alpha={cache.alpha}, got alpha={alpha}")
-            alpha = cache.alpha
+            alpha, limit, what = cache.alpha, cache.max_tokens, 'the max_tokens of the cache'
             if cache.batch_size != B:
                 raise ValueError(f"cache was made for batch size {cache.batch_size}, got {B}")
-            if cache.loop is not None and cache.loops != loops:
+            if cache.k_loop is not None and cache.loops != loops:
                 raise ValueError(f"a LoopLM cache keeps one K/V per loop and was made for "
                                  f"{cache.loops} loops, got loops={loops}")
-        else:
-            alpha = self._check_alpha(alpha)
-            cache = KVCache(self.config.n_layer, B, loops, alpha)  # lives for this call only
         if chunk_size is None:  # chunking is exact (so pointless) for the LoopLM
             chunk_size = self.config.chunk_size if alpha > 0 else T
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if T == 0 or cache.length + T > self.config.block_size:
-            raise ValueError(f"{cache.length} cached + {T} new tokens must be between 1 and "
-                             f"block_size {self.config.block_size}")
-        if idx.device.type != 'meta' and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        if T == 0 or cache.length + T > limit:
+            raise ValueError(f"{cache.length} cached + {T} new tokens must be between 1 and {what} {limit}")
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return loops, alpha, chunk_size, cache
 
-        x = self.embed_tokens(idx)
-        chunks = [self._run_chunk(x[:, i:i + chunk_size], cache, loops, alpha, exit_threshold)
-                  for i in range(0, T, chunk_size)]
-        states = [torch.cat(per_loop, dim=1) for per_loop in zip(*[c[0] for c in chunks])]
-        logits = self.lm_head(states[-1])
+    def forward(self, idx, targets=None, loops=None, chunk_size=None, alpha=None, cache=None,
+                return_aux=False, exit_threshold=None, last_only=False):
+        """idx (B, T) token ids. Runs chunk by chunk; every chunk runs all its loops before the
+        next chunk starts, so a chunk sees the FINAL K/V of earlier chunks (the paper's
+        chunk-wise training; chunk_size=1 is exact decoding). With a KVCache the new tokens
+        are appended to it (prefill or decode), and no gradients are recorded.
+        Returns (logits of the last loop run (B, T, V), or (B, 1, V) with last_only, loss);
+        with return_aux also a dict with 'logits' and 'exit_logits' of every loop and
+        'attn' = [loop][layer] attention outputs (for training: kept for every token)."""
+        loops, alpha, chunk_size, cache = self._check_call(idx, loops, chunk_size, alpha, cache)
+        if return_aux and exit_threshold is not None:
+            raise ValueError("exit_threshold (Q-exit) is for inference; return_aux needs every loop")
+        aux = {'states': [[] for _ in range(loops)],
+               'attn': [[[] for _ in self.layers] for _ in range(loops)]} if return_aux else None
+        outputs = []  # the last loop's normed state of each chunk
+        with torch.no_grad() if isinstance(cache, KVCache) else nullcontext():
+            for start in range(0, idx.size(1), chunk_size):
+                x = self.embed_tokens(idx[:, start:start + chunk_size])
+                x, loops_run = self._run_chunk(x, cache, loops, alpha, exit_threshold, aux)
+                cache.commit(x.size(1), loops_run)
+                outputs.append(x[:, -1:] if last_only else x)
+        logits = self.lm_head(outputs[-1] if last_only else torch.cat(outputs, dim=1))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         if not return_aux:
             return logits, loss
-        aux = {
+        states = [torch.cat(per_chunk, dim=1) for per_chunk in aux['states']]
+        return logits, loss, {
             'logits': [self.lm_head(s) for s in states[:-1]] + [logits],
             'exit_logits': torch.cat([self.exit_gate(s) for s in states], dim=-1),  # (B, T, loops)
-            'attn': [[torch.cat(per_chunk, dim=1) for per_chunk in zip(*per_layer)]
-                     for per_layer in zip(*[c[1] for c in chunks])],
+            'attn': [[torch.cat(per_chunk, dim=1) for per_chunk in per_layer] for per_layer in aux['attn']],
         }
-        return logits, loss, aux
 
-    def _run_chunk(self, x, cache, loops, alpha, exit_threshold=None):
-        """All loops of one chunk x (B, C, d). Returns every loop's normed state and every
-        (loop, layer) attention output. With exit_threshold q the chunk stops at the first
-        loop where every token's cumulative exit probability reaches q (Ouro's Q-exit)."""
+    def _run_chunk(self, x, cache, loops, alpha, exit_threshold=None, aux=None, pos=None):
+        """All loops of one chunk x (B, C, d). Returns the last loop's normed state and the
+        number of loops run; keeps nothing of earlier loops unless `aux` collects them. With
+        exit_threshold q the chunk stops at the first loop where every token's cumulative
+        exit probability reaches q (Ouro's Q-exit). `pos` (decode_step) fixes the shapes:
+        the chunk then attends to the whole buffer through a mask."""
         B, C, _ = x.shape
-        start = cache.length
-        cos, sin = self.rope_cos[start:start + C], self.rope_sin[start:start + C]
-        # query i (position start + i) may see keys at positions <= start + i
-        mask = None
-        if C > 1:
-            key_pos = torch.arange(start + C, device=x.device)
-            mask = key_pos[None, :] <= (start + torch.arange(C, device=x.device))[:, None]
+        static = pos is not None
+        if not static:
+            pos = torch.arange(cache.length, cache.length + C, device=x.device)
+        n_seen = cache.max_tokens if static else cache.length + C
+        is_causal = C > 1 and n_seen == C  # the chunk sees only itself
+        mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
+        if (C > 1 or static) and not is_causal:
+            mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
+        chunk = Chunk(self.rope_cos[pos], self.rope_sin[pos], mask, is_causal, pos, n_seen, cache, alpha)
         h_gates = [None] * self.config.n_layer  # per layer: the gated latent h^(t-1)
-        states, attn_outs = [], []
         still_looping = torch.ones(B, C, device=x.device)  # prod (1 - lambda) so far
         for loop in range(loops):
-            attn_outs.append([])
             for layer, block in enumerate(self.layers):
-                x, h_gates[layer], o = block(x, h_gates[layer], cos, sin, mask, cache, layer, loop, alpha)
-                attn_outs[-1].append(o)
+                x, h_gates[layer], attn_out = block(x, h_gates[layer], loop, chunk)
+                if aux is not None:
+                    aux['attn'][loop][layer].append(attn_out)
             x = self.norm(x)  # the final norm after every loop feeds the next loop
-            states.append(x)
+            if aux is not None:
+                aux['states'][loop].append(x)
             if exit_threshold is not None and loop < loops - 1:
                 still_looping = still_looping * (1 - torch.sigmoid(self.exit_gate(x).float()[..., 0]))
                 if bool((1 - still_looping >= exit_threshold).all()):
                     break
-        cache.commit(C, len(states))
-        return states, attn_outs
+        return x, loop + 1
+
+    def decode_step(self, idx, cache, pos, loops):
+        """One new token per sequence, idx (B, 1) at position pos (a (1,) tensor), with shapes
+        that stay the same from step to step, so torch.compile can capture it (gpt-fast's
+        decode_one_token). Returns logits (B, 1, V); the caller commits the token."""
+        x, _ = self._run_chunk(self.embed_tokens(idx), cache, loops, cache.alpha, pos=pos)
+        return self.lm_head(x)
 
     def configure_optimizers(self, weight_decay, learning_rate, gate_lr, betas, device_type):
         """AdamW with three groups: base matrices (decayed), base vectors, and the MELT gates
@@ -434,22 +519,31 @@ class MELT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
-                 chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None):
+                 chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None, decode_step=None):
         """Prefill the prompt chunk-wise into a cache, then decode one token at a time.
-        top_k=1 is greedy. Pass your own empty cache to read cache.nbytes and
-        cache.loops_run afterwards. Returns idx (B, T + new tokens)."""
+        top_k=1 is greedy. The cache is sized to prompt + new tokens - 1 (the last token is
+        never run); pass your own empty one to read cache.nbytes and cache.loops_run afterwards. decode_step: a compiled
+        model.decode_step (sample.py --compile) instead of the eager forward.
+        Returns idx (B, T + new tokens)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens = "
                              f"{T + max_new_tokens}, longer than block_size {self.config.block_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
-        if exit_threshold is not None and B != 1:
-            raise ValueError(f"exit_threshold decides per token and needs batch size 1, got {B}")
-        cache = self.new_cache(B, loops) if cache is None else cache
+        if exit_threshold is not None and (B != 1 or decode_step is not None):
+            raise ValueError(f"exit_threshold decides per token, in the eager decode, and needs batch size 1, got {B}")
+        loops = self._check_loops(loops)
+        needed = T + max(max_new_tokens, 1) - 1  # the last new token is never run through the model
+        cache = self.new_cache(B, needed, loops) if cache is None else cache
         if cache.length:
             raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
-        logits, _ = self(idx, loops=loops, chunk_size=chunk_size, cache=cache)
+        if cache.max_tokens < needed:
+            raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call needs {needed}")
+        if decode_step is not None:  # the compiled step writes into these buffers in place
+            for buf in cache.buffers():
+                torch._dynamo.mark_static_address(buf)
+        logits, _ = self(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
         for step in range(max_new_tokens):
             logits = logits[:, -1, :].float() / temperature
             if top_k is not None:
@@ -459,5 +553,10 @@ class MELT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
             if step == max_new_tokens - 1 or (B == 1 and idx_next.item() in stop_tokens):
                 break  # nothing more to predict: don't run the model on the last token
-            logits, _ = self(idx_next, loops=loops, cache=cache, exit_threshold=exit_threshold)
+            if decode_step is None:
+                logits, _ = self(idx_next, loops=loops, cache=cache, exit_threshold=exit_threshold)
+            else:
+                pos = torch.tensor([cache.length], device=idx.device)
+                logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: CUDA graphs reuse outputs
+                cache.commit(1, loops)
         return idx

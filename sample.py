@@ -6,6 +6,7 @@ $ python sample.py --loops 8                        any loop count, e.g. 8 on a 
 $ python sample.py --cache loop                     the same weights with the LoopLM's cache, to compare
 $ python sample.py --init_from=ouro:/path/to/Ouro-1.4B-Thinking --chat --thinking --start "What is 17*23?"
 $ python sample.py --exit_threshold 0.9             Ouro's Q-exit: a token stops looping early
+$ python sample.py --compile                        a compiled decode step (slow to compile; for long runs)
 
 Options as --key=value or --key value.
 """
@@ -33,6 +34,7 @@ chunk_size = 0  # MELT's prefill chunk size; 0: the model's own
 chat = False  # wrap the prompt in Ouro's ChatML (ouro:PATH)
 thinking = False  # with --chat: '<think>\n' after the assistant header, for -Thinking models
 exit_threshold = 0.0  # Q-exit threshold q; 0: run every loop; above 1: never exits early
+compile = False  # decode with torch.compile(model.decode_step): static shapes, CUDA graphs on GPU
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
@@ -126,15 +128,21 @@ def main(argv):
         ids = codec.encode(read_prompt(cfg))
         prompts = [(ids, '')] * cfg['num_samples']
         new_tokens = cfg['max_new_tokens'] or model.config.block_size - len(ids)
+    if cfg['compile'] and cfg['exit_threshold']:
+        raise ValueError("--exit_threshold stops loops per token, which a compiled step cannot; drop --compile")
+    step = None
+    if cfg['compile']:
+        cuda = cfg['device'].startswith('cuda')
+        step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
     for ids, note in prompts:
         if len(ids) + max(new_tokens, 1) > model.config.block_size:
             raise ValueError(f"prompt of {len(ids)} tokens + {max(new_tokens, 1)} new tokens is longer than "
                              f"block_size {model.config.block_size}")
-        kv = model.new_cache(1, loops)
+        kv = model.new_cache(1, max_tokens=len(ids) + max(new_tokens, 1) - 1, loops=loops)  # the last token is not run
         y = model.generate(torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                            chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,
-                           stop_tokens=codec.stop, cache=kv)
+                           stop_tokens=codec.stop, cache=kv, decode_step=step)
         print(codec.decode(y[0].tolist()) + note)
         print('---------------')
     print(memory_line(model, kv, loops))
@@ -147,13 +155,12 @@ def main(argv):
 
 
 def memory_line(model, kv, loops):
-    """Bytes the cache holds now, and what the LoopLM's cache would hold for the same run."""
-    element = kv.tensors()[0].element_size()
-    per_loop_layer = 2 * model.config.n_kv_head * model.config.head_dim * element * kv.length
-    looplm = per_loop_layer * model.config.n_layer * loops
-    kind = 'MELT' if model.config.cache == 'melt' else 'LoopLM'
-    return (f"KV cache ({kind}): {kv.nbytes:,} bytes for {kv.length} tokens at {loops} loops; "
-            f"a LoopLM cache would hold {looplm:,} bytes ({looplm / kv.nbytes:.1f}x)")
+    """Bytes the cache holds, and what the LoopLM's cache would hold for the same tokens."""
+    melt = model.config.cache == 'melt'
+    per_token = model.config.kv_bytes_per_token(loops, kv.buffers()[0].element_size())
+    looplm = per_token * (loops if melt else 1) * kv.max_tokens
+    return (f"KV cache ({'MELT' if melt else 'LoopLM'}): {kv.nbytes:,} bytes for {kv.max_tokens} tokens at {loops} "
+            f"loops; a LoopLM cache would hold {looplm:,} bytes ({looplm / kv.nbytes:.1f}x)")
 
 
 if __name__ == '__main__':

@@ -35,6 +35,17 @@ def tiny_model(cache='melt', seed=0, **overrides):
     return model.eval()
 
 
+def in_float64(model):
+    """model.double(), with RoPE's tables recomputed in float64 (melt.py keeps them in fp32,
+    which would bound every float64 comparison at fp32's precision)."""
+    model = model.double()
+    hd, theta = model.config.head_dim, model.config.rope_theta
+    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.outer(torch.arange(model.config.block_size, dtype=torch.float64), inv_freq).repeat(1, 2)
+    model.rope_cos, model.rope_sin = angles.cos(), angles.sin()
+    return model
+
+
 def loop_and_melt_pair(seed=0):
     """A LoopLM and a MELT model with the same base weights."""
     loop_model = tiny_model('loop', seed)
@@ -150,12 +161,12 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
             final[l] += last_kv[l]
         out += [W['lm_head.weight'] @ s for s in states]
         pos += size
-    return torch.stack(out).float()
+    return torch.stack(out)  # float64, so gradients can be compared too
 
 
 def decode(model, ids, loops, prefill=None, chunk_size=None):
     """Logits from a cache: `prefill` tokens in one call (chunked), the rest one at a time."""
-    cache = model.new_cache(ids.size(0), loops)
+    cache = model.new_cache(ids.size(0), loops=loops)
     prefill = prefill or 0
     out = []
     if prefill:
@@ -179,24 +190,64 @@ def test_cache_bytes_against_loop_count(mode):
     ids = tokens(10)
     one_loop_bytes = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * 10 * 4  # fp32
     for loops in (1, 2, 4, 8):
-        cache = model.new_cache(1, loops)
+        cache = model.new_cache(1, max_tokens=10, loops=loops)
         model(ids, loops=loops, cache=cache)
         expected = one_loop_bytes * (1 if mode == 'melt' else loops)
         assert cache.nbytes == expected, (loops, cache.nbytes, expected)
         assert c.kv_bytes_per_token(loops, bytes_per_element=4) * 10 == expected
-        shapes = {tuple(t.shape) for t in cache.tensors()}
-        assert shapes == {(1, c.n_kv_head, 10, c.n_embd // c.n_head)}
+        shapes = {tuple(t.shape) for t in cache.buffers()}
+        one_layer = (1, c.n_kv_head, 10, c.n_embd // c.n_head)  # (B, n_kv_head, max_tokens, hs)
+        assert shapes == {(c.n_layer, *one_layer) if mode == 'melt' else (loops, c.n_layer, *one_layer)}
+
+
+def test_process_memory_of_prefill_and_decode_does_not_grow_with_loops():
+    """Peak RSS of a 1,024-token prefill and of decoding, each run in a fresh process: MELT's
+    grows by at most a tenth of the LoopLM's growth from 1 to 8 loops (the LoopLM's KV cache
+    does grow: 8 MB per loop here), and what MELT holds beyond its cache stays put."""
+    import bench
+    shape = dict(vocab_size=256, block_size=1024, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, n_hidden=352, n_loops=4)
+    runs = {(mode, loops): bench.run_child('generate', shape, mode, loops, 1020, 4, 64, 'cpu', False)
+            for mode in ('melt', 'loop') for loops in (1, 8)}
+    growth = {key: r['prefill_peak'] - r['base'] for key, r in runs.items()}
+    loop_growth = growth['loop', 8] - growth['loop', 1]
+    assert runs['loop', 8]['kv'] - runs['loop', 1]['kv'] == 7 * 8 * 2 * 128 * 1023 * 4
+    assert loop_growth > 0.9 * (runs['loop', 8]['kv'] - runs['loop', 1]['kv'])
+    assert abs(growth['melt', 8] - growth['melt', 1]) <= 0.1 * loop_growth, (growth, loop_growth)
+    beyond = {loops: max(runs['melt', loops]['prefill_peak'], runs['melt', loops]['decode_peak'])
+              - runs['melt', loops]['base'] - runs['melt', loops]['kv'] for loops in (1, 8)}
+    assert abs(beyond[8] - beyond[1]) <= 4 * 2**20, beyond
+
+
+def test_decode_writes_the_cache_in_place_and_the_static_step_agrees():
+    for mode in ('melt', 'loop'):
+        model = in_float64(tiny_model(mode))
+        ids = tokens(12)
+        cache = model.new_cache(1, max_tokens=12, loops=3)
+        pointers = [t.data_ptr() for t in cache.buffers()]
+        eager = [model(ids[:, :6], cache=cache, chunk_size=4)[0][:, -1]]
+        eager += [model(ids[:, i:i + 1], cache=cache)[0][:, -1] for i in range(6, 12)]
+        assert [t.data_ptr() for t in cache.buffers()] == pointers  # written in place, never reallocated
+        assert cache.nbytes == model.config.kv_bytes_per_token(3, 8) * 12
+        static = model.new_cache(1, max_tokens=12, loops=3)
+        steps = [model(ids[:, :6], cache=static, chunk_size=4)[0][:, -1]]
+        with torch.no_grad():
+            for i in range(6, 12):  # decode_step attends to all 12 rows through a mask
+                steps.append(model.decode_step(ids[:, i:i + 1], static, torch.tensor([i]), 3)[:, -1])
+                static.commit(1, 3)
+        assert max_diff(torch.stack(steps), torch.stack(eager)) < 1e-12
+        for mine, theirs in zip(static.buffers(), cache.buffers()):
+            assert max_diff(mine, theirs) < 1e-12
 
 
 # ----------------------------------------------------------------------------------------
 # the LoopLM
 
 def test_looplm_forward_matches_naive_reference():
-    model = tiny_model('loop')
+    model = in_float64(tiny_model('loop'))
     ids = tokens(9)
     for loops in (1, 3):
         ref = naive(model, ids[0].tolist(), loops, [9], kv='loop')
-        assert max_diff(model(ids, loops=loops)[0][0], ref) < 1e-4
+        assert max_diff(model(ids, loops=loops)[0][0], ref) < 1e-10
 
 
 def test_looplm_decode_equals_full_forward_and_chunking_is_exact():
@@ -213,12 +264,12 @@ def test_looplm_decode_equals_full_forward_and_chunking_is_exact():
 # MELT
 
 def test_melt_chunked_forward_matches_naive_reference():
-    model = tiny_model('melt')
+    model = in_float64(tiny_model('melt'))
     ids = tokens(10)
     for chunk_size in (1, 4, 10):
         schedule = [min(chunk_size, 10 - i) for i in range(0, 10, chunk_size)]
         ref = naive(model, ids[0].tolist(), 3, schedule, kv='gated')
-        assert max_diff(model(ids, chunk_size=chunk_size)[0][0], ref) < 1e-4, chunk_size
+        assert max_diff(model(ids, chunk_size=chunk_size)[0][0], ref) < 1e-10, chunk_size
     # chunking changes MELT's result (it is an approximation of sequential decoding)
     assert max_diff(model(ids, chunk_size=1)[0], model(ids, chunk_size=10)[0]) > 1e-3
 
@@ -233,22 +284,22 @@ def test_melt_decode_equals_forward_with_chunk_size_1():
 
 
 def test_melt_prefill_chunked_then_decode():
-    model = tiny_model('melt')
+    model = in_float64(tiny_model('melt'))
     ids = tokens(12)
     logits, _ = decode(model, ids, 3, prefill=8, chunk_size=4)
-    assert max_diff(logits[:, :8], model(ids[:, :8], chunk_size=4)[0]) <= 1e-5
+    assert max_diff(logits[:, :8], model(ids[:, :8], chunk_size=4)[0]) <= 1e-12
     ref = naive(model, ids[0].tolist(), 3, [4, 4, 1, 1, 1, 1], kv='gated')
-    assert max_diff(logits[0], ref) < 1e-4
+    assert max_diff(logits[0], ref) < 1e-10
 
 
 def test_gate_forced_open_is_last_loop_sharing():
-    model = tiny_model('melt')
+    model = in_float64(tiny_model('melt'))
     with torch.no_grad():
         for gate in model.gate_modules():
             gate.b_z.fill_(-1e4)  # z = sigmoid(-1e4) = 0 exactly in fp32, so h = x
     ids = tokens(8)
     ref = naive(model, ids[0].tolist(), 3, [1] * 8, kv='open')
-    assert max_diff(model(ids, chunk_size=1)[0][0], ref) < 1e-4
+    assert max_diff(model(ids, chunk_size=1)[0][0], ref) < 1e-10
     # and it is not the full LoopLM, whose tokens see every loop's K/V of earlier tokens
     ref_loop = naive(model, ids[0].tolist(), 3, [8], kv='loop')
     assert max_diff(ref, ref_loop) > 1e-3
@@ -267,7 +318,7 @@ def test_alpha_ends_are_the_two_models():
     middle, _ = melt_model(ids, alpha=0.5, chunk_size=4)
     assert max_diff(middle, loop_logits) > 1e-3 and max_diff(middle, melt_logits) > 1e-3
     # alpha decoding with a phase-1 cache keeps both K/V kinds and matches chunk_size=1
-    cache = melt_model.new_cache(2, alpha=0.5)
+    cache = melt_model.new_cache(2, max_tokens=12, alpha=0.5)
     steps = torch.cat([melt_model(ids[:, i:i + 1], cache=cache)[0] for i in range(12)], dim=1)
     assert max_diff(steps, melt_model(ids, alpha=0.5, chunk_size=1)[0]) <= 1e-5
     assert cache.nbytes == melt_model.config.kv_bytes_per_token(bytes_per_element=4) * 2 * 12 * (1 + 3)
@@ -314,6 +365,57 @@ def test_training_steps_lower_the_loss_and_reach_the_gates(mode):
 
 
 # ----------------------------------------------------------------------------------------
+# chunk-wise training: gradients and memory
+
+def test_chunked_training_gradients_equal_the_naive_reference():
+    """float64: gradients of MELT's chunk-wise forward (earlier chunks' K/V joined inside
+    activation checkpointing) equal those of the per-token naive reference, including the
+    gradients that flow from later chunks into earlier chunks' K/V."""
+    model = in_float64(tiny_model('melt'))
+    ids = tokens(10)
+    w = torch.randn(10, TINY['vocab_size'], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    params = {k: p for k, p in model.named_parameters() if 'exit_gate' not in k}  # the logits don't use it
+    grads = torch.autograd.grad((model(ids, chunk_size=4)[0][0] * w).sum(), list(params.values()))
+    ref_weights = {hf_name(k): p for k, p in params.items()}
+    ref = naive_forward(ouro_config(model), ref_weights, ids[0].tolist(), 3, [4, 4, 2], kv='gated')
+    ref_grads = torch.autograd.grad((ref * w).sum(), list(params.values()))
+    for name, g, r in zip(params, grads, ref_grads):
+        assert max_diff(g, r) < 1e-10, name
+    assert grads[list(params).index('layers.0.attn.kv_gate.u_z.weight')].abs().sum() > 0
+
+
+def test_chunked_looplm_gradients_equal_the_parallel_step():
+    model = in_float64(tiny_model('loop'))
+    ids = tokens(12, batch=2)
+    params = [p for k, p in model.named_parameters() if 'exit_gate' not in k]
+    w = torch.randn(2, 12, TINY['vocab_size'], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    parallel = torch.autograd.grad((model(ids)[0] * w).sum(), params)
+    chunked = torch.autograd.grad((model(ids, chunk_size=5)[0] * w).sum(), params)
+    assert max(max_diff(a, b) for a, b in zip(parallel, chunked)) < 1e-12
+
+
+def test_training_memory_does_not_grow_with_the_number_of_chunks():
+    """Peak bytes allocated by forward + backward over 256 tokens: MELT in chunks of 8 holds
+    about what one chunk of 256 holds, and both within 1.25x of the LoopLM's parallel step.
+    (A copy of the past per chunk, as autograd keeps without checkpointing, is quadratic.)"""
+    import bench
+    torch.manual_seed(0)
+    config = dict(TINY, block_size=256, n_embd=64, n_hidden=96, n_head=4, n_kv_head=4)
+    melt_model = MELT(MELTConfig(**config, cache='melt'))
+    loop_model = melt_model.as_cache('loop')
+    ids = tokens(256, batch=2)
+
+    def step(model, chunk_size):
+        return lambda: model(ids, ids, chunk_size=chunk_size)[1].backward()
+
+    step(melt_model, 8)()  # load every kernel once
+    loop_peak = bench.peak_allocated(step(loop_model, None))
+    melt_peaks = {c: bench.peak_allocated(step(melt_model, c)) for c in (256, 32, 8)}
+    assert melt_peaks[8] <= 1.1 * melt_peaks[256], melt_peaks
+    assert max(melt_peaks.values()) <= 1.25 * loop_peak, (melt_peaks, loop_peak)
+
+
+# ----------------------------------------------------------------------------------------
 # generation and errors
 
 def test_greedy_generate_matches_argmax_of_full_forward():
@@ -342,7 +444,7 @@ def test_errors_name_the_value_and_the_limit():
         model(torch.tensor([[-1, 3]]))
     with pytest.raises(ValueError, match=r'prompt of 5 tokens \+ 60 new tokens = 65, longer than block_size 64'):
         model.generate(ids, 60)
-    with pytest.raises(ValueError, match=r'60 cached \+ 5 new tokens must be between 1 and block_size 64'):
+    with pytest.raises(ValueError, match=r'60 cached \+ 5 new tokens must be between 1 and the max_tokens of the cache 64'):
         cache = model.new_cache(1)
         model(tokens(60), cache=cache)
         model(ids, cache=cache)
@@ -439,10 +541,10 @@ def test_from_ouro_matches_naive_ouro_forward(tmp_path, dtype, shards):
     ids = tokens(7)
     model = MELT.from_ouro(str(folder), cache='loop')
     assert model.lm_head.weight.dtype == dtype and model.config.n_loops == 4
-    exact = MELT.from_ouro(str(folder), cache='loop', dtype=torch.float32)
+    exact = in_float64(MELT.from_ouro(str(folder), cache='loop', dtype=torch.float64))
     for loops in (1, 2, 3, 4):
         ref = naive_forward(cfg, weights, ids[0].tolist(), loops, [7], kv='loop')
-        assert max_diff(exact(ids, loops=loops)[0][0], ref) < 1e-4, loops
+        assert max_diff(exact(ids, loops=loops)[0][0], ref) < 1e-10, loops
         if dtype == torch.bfloat16:  # the bf16 model computes in bf16: same answer, bf16 precision
             assert max_diff(model(ids, loops=loops)[0][0].float(), ref) < 0.1 * ref.abs().max()
 
@@ -459,7 +561,7 @@ def test_from_ouro_melt_starts_as_last_loop_sharing(tmp_path):
     cfg, weights = json.loads((folder / 'config.json').read_text()), read_safetensors_by_hand(folder)
     ids = tokens(6)
     ref = naive_forward(cfg, weights, ids[0].tolist(), 4, [1] * 6, kv='open')
-    assert max_diff(model(ids, chunk_size=1)[0][0], ref) < 1e-4
+    assert max_diff(in_float64(model)(ids, chunk_size=1)[0][0], ref) < 1e-10
 
 
 def test_from_ouro_errors(tmp_path):
@@ -788,8 +890,10 @@ def test_ddp_two_processes_match_one_process(reason_data, tmp_path, capsys):
     single = torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model']
     ddp = torch.load(f'{tmp_path}/ddp/ckpt.pt', weights_only=False)['model']
     assert single.keys() == ddp.keys()
-    for k in single:
-        assert torch.allclose(single[k], ddp[k], atol=1e-5), k
+    # Adam divides by sqrt(v): where a gradient is ~0, the fp32 rounding of gloo's other order of
+    # summation can move a weight by up to lr. So: nearly all weights equal, none off by more.
+    diff = torch.cat([(single[k] - ddp[k]).abs().flatten() for k in single])
+    assert (diff <= 1e-5).float().mean() > 0.999 and diff.max() <= 2 * 3 * 3e-3, diff.max()  # 3 steps of lr 3e-3
     assert any(not torch.equal(single[k], v) for k, v in MELT(MELTConfig(
         **torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model_args'])).state_dict().items())
 
@@ -859,10 +963,14 @@ def test_q_exit(looplm_dir, capsys):
         assert torch.equal(full, never) and some.loops_run == everything.loops_run == [3] * 8
         with torch.no_grad():
             model.exit_gate.bias.fill_(100.0)  # lambda_1 = 1: every token exits after loop 1
-        kv = model.new_cache(1)
+        kv = model.new_cache(1, max_tokens=11)
         model.generate(ids, 8, top_k=1, exit_threshold=0.5, cache=kv)
         assert kv.loops_run == [3] + [1] * 7  # the prompt runs every loop; decoded tokens one
-        assert kv.nbytes == model.config.kv_bytes_per_token(3, 4) * 11  # LoopLM rows were filled in
+        if mode == 'loop':  # an exited token's loop-1 K/V fill its rows of loops 2 and 3
+            for buf in (kv.k_loop, kv.v_loop):
+                decoded = buf[:, :, :, :, 4:11]
+                assert decoded.abs().sum() > 0 and torch.equal(decoded[1:], decoded[:1].expand_as(decoded[1:]))
+                assert not torch.equal(buf[1, :, :, :, :4], buf[0, :, :, :, :4])  # the prompt ran every loop
     capsys.readouterr()
     kv = sample.main([f'--init_from={looplm_dir}', '--exit_threshold=1e-9', '--num_samples=1', '--max_new_tokens=5',
                       '--start=a=1 b=2 c=3 d=0 ?a', '--chunk_size=2', '--device=cpu', '--dtype=float32'])
@@ -890,6 +998,8 @@ def test_bench_memory_table_reproduces_the_paper(capsys):
     out = capsys.readouterr().out
     per_token = {loops: (melt_b, loop_b) for loops, melt_b, loop_b in rows}
     assert per_token[4] == (2 * 24 * 16 * 128 * 2, 4 * 2 * 24 * 16 * 128 * 2)
-    assert re.search(r'^\s+4\s+0\.197\s+0\.786\s+6\.29\s+25\.17\s+4\.0x$', out, re.M)
+    # 80 GB serving: (80 - 3.272) GB / 6.29 GB = 12.2 MELT sequences; (80 - 2.869) / 25.17 = 3.06 LoopLM ones
+    assert re.search(r'^\s+4\s+0\.197\s+0\.786\s+6\.29\s+25\.17\s+4\.0x\s+12 / 3 sequences$', out, re.M)
+    assert re.search(r'^\s+8\s+0\.197\s+1\.573\s+6\.29\s+50\.33\s+8\.0x\s+12 / 1 sequences$', out, re.M)
     assert 'weights (MELT): 3.272 GB' in out and 'weights (LoopLM): 2.869 GB' in out
     assert all(melt_b == per_token[1][0] and loop_b == loops * per_token[1][1] for loops, (melt_b, loop_b) in per_token.items())
