@@ -38,10 +38,12 @@ prompt_tokens = 2048
 new_tokens = 64
 prefill_chunk = 64  # MELT's chunk size for the prefill (the LoopLM prefills in one chunk)
 loops = ''  # generation's loop counts, e.g. '4' or '1,4,8'; '' = 1,4,8
+modes = 'melt,loop'  # generation's modes: melt (one gated K/V per layer), loop (the LoopLM)
 train_tokens = 1024
 train_batch = 1
 threads = 0  # torch threads on CPU; 0 = torch's default
 compile = False  # generation: decode with torch.compile(model.decode_step) (CUDA graphs on GPU)
+cuda_graph = False  # generation on GPU: replay model.decode_step captured as one CUDA graph, no compile
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -116,6 +118,30 @@ def memory_table(shape, context, element):
     return rows
 
 
+def cuda_graph_step(model, cache, loops):
+    """model.decode_step captured once as a CUDA graph for this cache: each token then replays
+    all its kernels with one launch (what compile's reduce-overhead mode adds, here without
+    the compile). Capture before the prefill: its warm-up run writes row 0 of the cache."""
+    device = cache.buffers()[0].device
+    idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.decode_step(idx, cache, pos, loops)  # warm-up: kernels chosen, workspaces made
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model.decode_step(idx, cache, pos, loops)
+
+    def step(new_idx, cache_, new_pos, loops_):
+        idx.copy_(new_idx)
+        pos.copy_(new_pos)
+        graph.replay()
+        return logits
+    return step
+
+
 def measure_generate(shape, mode, loops, prompt, new, chunk, device, compiled):
     """One generation run; returns what it measured (bytes and seconds). Run in a fresh
     process: a peak belongs to the process."""
@@ -124,10 +150,12 @@ def measure_generate(shape, mode, loops, prompt, new, chunk, device, compiled):
     model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, mode, device, dtype).eval()
     idx = torch.randint(0, shape['vocab_size'], (1, prompt), device=device)
     step = None
-    if compiled:
+    if compiled == 'compile':
         step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
-    with torch.no_grad():  # warm up kernels (and compile) outside the measurement
-        model.generate(idx[:, :16], 4 if compiled else 1, loops=loops, top_k=1, decode_step=step)
+    with torch.no_grad():  # warm up kernels (and compile, for the measured cache's shapes) outside the measurement
+        warm = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
+        model.generate(idx[:, :16], 4, loops=loops, top_k=1, cache=warm, decode_step=step)
+        del warm
 
     def sync():
         if cuda:
@@ -146,6 +174,9 @@ def measure_generate(shape, mode, loops, prompt, new, chunk, device, compiled):
 
     base = reset()  # weights (and, on CPU, the process) before the cache exists
     cache = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
+    if compiled == 'cuda_graph':
+        with torch.no_grad():
+            step = cuda_graph_step(model, cache, loops)
     t0 = time.perf_counter()
     with torch.no_grad():
         logits, _ = model(idx, loops=loops, chunk_size=chunk, cache=cache, last_only=True)
@@ -189,16 +220,16 @@ def run_child(kind, *args):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def generate_table(shape, prompt, new, chunk, loop_counts, device, compiled):
+def generate_table(shape, prompt, new, chunk, loop_counts, modes, device, compiled):
     cuda = device.startswith('cuda')
     where = 'peak CUDA memory allocated' if cuda else 'peak RSS grown past the process with its weights'
     print(f"\n2. Generation: {prompt:,}-token prompt (MELT prefills in chunks of {chunk}), then {new} greedy tokens; "
-          f"{'compiled' if compiled else 'eager'} decode; one process per row; MB = 10^6 bytes; {where}")
+          f"{compiled.replace('_', ' ') or 'eager'} decode; one process per row; MB = 10^6 bytes; {where}")
     print(f"   {'loops':>5} {'mode':>6} {'weights':>8} {'KV':>8} {'prefill peak':>13} {'decode peak':>12} "
           f"{'beyond W+KV':>12} {'prefill s':>10} {'decode ms/token':>16}" + ('  bandwidth limit ms' if cuda else ''))
     rows = {}
     for n in loop_counts:
-        for mode in ('melt', 'loop'):
+        for mode in modes:
             r = run_child('generate', shape, mode, n, prompt, new, chunk, device, compiled)
             # a CUDA peak counts everything allocated, weights included; an RSS peak is taken
             # from the process with its weights loaded (torch's own libraries are not ours)
@@ -309,6 +340,8 @@ def check(cfg):
     for key in ('context', 'prompt_tokens', 'new_tokens', 'prefill_chunk', 'train_tokens', 'train_batch'):
         if cfg[key] < 1 + (key == 'new_tokens'):
             raise ValueError(f"--{key} must be >= {1 + (key == 'new_tokens')}, got {cfg[key]}")
+    if cfg['cuda_graph'] and not cfg['device'].startswith('cuda'):
+        raise ValueError("--cuda_graph captures CUDA kernels; it needs --device=cuda")
     if cfg['device'].startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f"--device={cfg['device']}, but this machine has no CUDA device; use --device=cpu")
     try:
@@ -317,6 +350,8 @@ def check(cfg):
         counts = [0]
     if min(counts) < 1:
         raise ValueError(f"--loops must be loop counts >= 1 separated by commas, e.g. 1,4,8; got {cfg['loops']!r}")
+    if not cfg['modes'] or not set(cfg['modes'].split(',')) <= {'melt', 'loop'}:
+        raise ValueError(f"--modes must be melt, loop or melt,loop; got {cfg['modes']!r}")
     return counts
 
 
@@ -336,7 +371,8 @@ def main(argv):
     if cfg['only'] in ('', 'generate'):
         if small:
             generate_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], cfg['prefill_chunk'], loop_counts,
-                           cfg['device'], cfg['compile'])
+                           cfg['modes'].split(','), cfg['device'],
+                           'compile' if cfg['compile'] else 'cuda_graph' if cfg['cuda_graph'] else '')
         else:
             print("\n2. (generation skipped: random weights of this size are for a GPU; use --device=cuda)")
     if cfg['only'] in ('', 'train'):
