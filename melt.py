@@ -33,9 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # x / sqrt(mean(x^2) + eps)
+        return self.weight * F.rms_norm(x32, (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim, block_size, theta):
@@ -59,7 +58,8 @@ class Chunk(NamedTuple):
     sin: torch.Tensor
     mask: Optional[torch.Tensor]  # (C, n_seen), True where a query may see a key; None: sees all
     is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
-    pos: torch.Tensor  # (C,) the chunk's positions = its rows in the cache
+    pos: torch.Tensor  # (C,) the chunk's positions
+    rows: object  # its rows in the cache: slice(start, start + C), or pos itself in decode_step
     n_seen: int  # cached rows the chunk attends to, its own included
     cache: object  # a KVCache (inference) or a ChunkMemory (a forward without a cache)
     alpha: float
@@ -82,9 +82,11 @@ class KVCache:
         self.length = 0  # tokens committed
         self.loops_run = []  # loops each committed chunk ran (fewer than asked after a Q-exit)
         shape = (config.n_layer, batch_size, config.n_kv_head, max_tokens, config.head_dim)
-        new = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
-        self.k, self.v = (new(shape), new(shape)) if alpha > 0 else (None, None)
-        self.k_loop, self.v_loop = (new(loops, *shape), new(loops, *shape)) if alpha < 1 else (None, None)
+
+        def zeros(*dims):
+            return torch.zeros(*dims, device=device, dtype=dtype)
+        self.k, self.v = (zeros(shape), zeros(shape)) if alpha > 0 else (None, None)
+        self.k_loop, self.v_loop = (zeros(loops, *shape), zeros(loops, *shape)) if alpha < 1 else (None, None)
 
     def buffers(self):
         return [t for t in (self.k, self.v, self.k_loop, self.v_loop) if t is not None]
@@ -95,14 +97,14 @@ class KVCache:
 
     def write_melt(self, layer, k, v, chunk):
         """MELT: the chunk's latest gated K/V (B, n_kv_head, C, hs) overwrite its rows."""
-        self.k[layer][:, :, chunk.pos] = k
-        self.v[layer][:, :, chunk.pos] = v
+        self.k[layer][:, :, chunk.rows] = k
+        self.v[layer][:, :, chunk.rows] = v
         return [self.k[layer][:, :, :chunk.n_seen]], [self.v[layer][:, :, :chunk.n_seen]]
 
     def write_loop(self, loop, layer, k, v, chunk):
         """LoopLM: at loop t the chunk writes its loop-t K/V and sees every token's loop-t K/V."""
-        self.k_loop[loop, layer][:, :, chunk.pos] = k
-        self.v_loop[loop, layer][:, :, chunk.pos] = v
+        self.k_loop[loop, layer][:, :, chunk.rows] = k
+        self.v_loop[loop, layer][:, :, chunk.rows] = v
         return [self.k_loop[loop, layer][:, :, :chunk.n_seen]], [self.v_loop[loop, layer][:, :, :chunk.n_seen]]
 
     def commit(self, n_tokens, loops_run):
@@ -184,7 +186,7 @@ class KVGate(nn.Module):
 
     def forward(self, x, h_prev):
         z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev) + self.b_z)
-        return z * h_prev + (1 - z) * x
+        return torch.lerp(x, h_prev, z)  # = z * h_prev + (1 - z) * x, in one operation
 
 
 class Attention(nn.Module):
@@ -476,7 +478,8 @@ class MELT(nn.Module):
         mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
         if (C > 1 or static) and not is_causal:
             mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
-        chunk = Chunk(self.rope_cos[pos], self.rope_sin[pos], mask, is_causal, pos, n_seen, cache, alpha)
+        rows = pos if static else slice(cache.length, cache.length + C)
+        chunk = Chunk(self.rope_cos[pos], self.rope_sin[pos], mask, is_causal, pos, rows, n_seen, cache, alpha)
         h_gates = [None] * self.config.n_layer  # per layer: the gated latent h^(t-1)
         still_looping = torch.ones(B, C, device=x.device)  # prod (1 - lambda) so far
         for loop in range(loops):
