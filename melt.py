@@ -123,7 +123,9 @@ class ChunkMemory:
     """What a forward without a KVCache (training, scoring) keeps of earlier chunks: each
     chunk's final K/V as a tensor of its own, per layer (MELT) or per (loop, layer) (LoopLM).
     Autograd then holds every token's K/V once; attention joins the pieces inside activation
-    checkpointing, so backward recomputes the join instead of storing one per chunk."""
+    checkpointing, so backward recomputes the join instead of storing one per chunk.
+    Gradients flow into earlier chunks' K/V (the paper does not say; a stop-gradient is the
+    other choice)."""
 
     def __init__(self, n_layer, loops, alpha):
         self.loops, self.alpha, self.length, self.loops_run = loops, alpha, 0, []
