@@ -341,6 +341,8 @@ def check(cfg):
         raise ValueError(f"--only must be memory, generate or train, got {cfg['only']!r}")
     if cfg['bytes_per_element'] not in (2, 4):
         raise ValueError(f"--bytes_per_element must be 2 (bf16) or 4 (fp32), got {cfg['bytes_per_element']}")
+    if cfg['threads'] < 0:
+        raise ValueError(f"--threads must be >= 1 (or 0 for torch's default), got {cfg['threads']}")
     for key in ('context', 'prompt_tokens', 'new_tokens', 'prefill_chunk', 'train_tokens', 'train_batch'):
         if cfg[key] < 1 + (key == 'new_tokens'):
             raise ValueError(f"--{key} must be >= {1 + (key == 'new_tokens')}, got {cfg[key]}")
@@ -398,5 +400,8 @@ if __name__ == '__main__':
     else:
         try:
             main(sys.argv[1:])
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError, RuntimeError) as e:
             sys.exit(f"error: {e}")
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)

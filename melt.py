@@ -536,6 +536,8 @@ class MELT(nn.Module):
                              f"{T + max_new_tokens}, longer than block_size {self.config.block_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
+        if exit_threshold is not None and not 0 < exit_threshold <= 1:
+            raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
         if exit_threshold is not None and (B != 1 or decode_step is not None):
             raise ValueError(f"exit_threshold decides per token, in the eager decode, and needs batch size 1, got {B}")
         loops = self._check_loops(loops)

@@ -47,8 +47,9 @@ def read_ouro_config(path):
     file = os.path.join(path, 'config.json')
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json in {path!r}: expected a HuggingFace Ouro folder")
-    with open(file) as f:
-        hf = json.load(f)
+    hf = read_json(file)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} holds a JSON {type(hf).__name__}, expected an object of Ouro's settings")
     if hf.get('model_type') != 'ouro':
         raise ValueError(f"{file} has model_type {hf.get('model_type')!r}, expected 'ouro'")
     missing = [k for k in OURO_CONFIG_FIELDS if k not in hf]
@@ -57,6 +58,11 @@ def read_ouro_config(path):
     if hf.get('tie_word_embeddings', False):
         raise ValueError(f"{file} ties the embeddings; Ouro's LM head is untied")
     fields = {ours: hf[theirs] for theirs, ours in OURO_CONFIG_FIELDS.items()}
+    for theirs, ours in OURO_CONFIG_FIELDS.items():
+        number = (int, float) if ours in ('rope_theta', 'norm_eps') else int
+        if isinstance(hf[theirs], bool) or not isinstance(hf[theirs], number) or hf[theirs] <= 0:
+            raise ValueError(f"{file}: {theirs} is {hf[theirs]!r}, expected a positive "
+                             f"{'number' if number != int else 'integer'}")
     head_dim = hf.get('head_dim', hf['hidden_size'] // hf['num_attention_heads'])
     if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
         raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
@@ -65,14 +71,24 @@ def read_ouro_config(path):
     return fields
 
 
+def read_json(file):
+    try:
+        with open(file, encoding='utf-8') as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+
+
 def ouro_tensor_files(path):
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     single, index = os.path.join(path, 'model.safetensors'), os.path.join(path, 'model.safetensors.index.json')
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
+        weight_map = read_json(index).get('weight_map') if isinstance(read_json(index), dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not os.path.isfile(os.path.join(path, shard)):
                 raise FileNotFoundError(f"{index} lists {shard}, which is not in {path!r}")
@@ -92,7 +108,11 @@ def load_ouro(cls, path, cache='melt', dtype=None, **overrides):
     expected = {ouro_name(k): (k, p.shape) for k, p in model.state_dict().items()}
     state = {}
     for file in ouro_tensor_files(path):
-        with safe_open(file, framework='pt') as f:
+        try:
+            reader = safe_open(file, framework='pt')
+        except Exception as e:  # truncated or not safetensors: the reader raises its own error type
+            raise ValueError(f"{file} is not a readable safetensors file ({str(e)[:200]})") from None
+        with reader as f:
             for name in f.keys():
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name} in {file} for cache={config.cache!r}")
@@ -101,6 +121,10 @@ def load_ouro(cls, path, cache='melt', dtype=None, **overrides):
                 if tensor.shape != shape:
                     raise ValueError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(shape)} from config.json")
+                if not tensor.is_floating_point():
+                    raise ValueError(f"tensor {name} in {file} is {tensor.dtype}, expected floating-point weights")
+                if not all(part.isfinite().all() for part in tensor.view(-1).split(1 << 20)):  # 1M at a time
+                    raise ValueError(f"tensor {name} in {file} holds inf or nan values")
                 state[ours] = tensor if dtype is None else tensor.to(dtype)
     gate_keys = {k for k in model.state_dict() if '.kv_gate.' in k}
     new_gates = gate_keys - state.keys()
@@ -190,11 +214,12 @@ def ouro_tokenizer(path):
     file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no tokenizer.json at {path!r}")
-    with open(file, encoding='utf-8') as f:
-        spec = json.load(f)
-    model = spec.get('model', {})
-    if model.get('type') != 'BPE':
-        raise ValueError(f"{file} holds a {model.get('type')!r} model, expected a byte-level 'BPE'")
+    spec = read_json(file)
+    model = spec.get('model') if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get('type') != 'BPE':
+        raise ValueError(f"{file} holds no byte-level 'BPE' model (its 'model' is {str(model)[:60]!r})")
+    if not isinstance(model.get('vocab'), dict) or not isinstance(spec.get('added_tokens', []), list):
+        raise ValueError(f"{file}: model.vocab must be an object of tokens to ids, added_tokens a list")
     special = {t['content']: t['id'] for t in spec.get('added_tokens', [])}
     to_byte = {c: b for b, c in byte_level_alphabet().items()}
     ranks = {}

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from melt import MELT
-from train import DTYPES, Data, load_checkpoint, parse_args, reason_task
+from train import DTYPES, Data, check_device, load_checkpoint, parse_args, reason_task
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
@@ -33,7 +33,7 @@ cache = ''  # 'melt' | 'loop'; empty: as saved ('melt' for ouro:PATH)
 chunk_size = 0  # MELT's prefill chunk size; 0: the model's own
 chat = False  # wrap the prompt in Ouro's ChatML (ouro:PATH)
 thinking = False  # with --chat: '<think>\n' after the assistant header, for -Thinking models
-exit_threshold = 0.0  # Q-exit threshold q; 0: run every loop; above 1: never exits early
+exit_threshold = 0.0  # Q-exit threshold q in (0, 1]; 0: run every loop
 compile = False  # decode with torch.compile(model.decode_step): static shapes, CUDA graphs on GPU
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -106,17 +106,31 @@ def read_prompt(cfg):
     return text
 
 
-def main(argv):
-    cfg = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
-    for key in ('loops', 'chunk_size'):
+def check(cfg):
+    for key in ('loops', 'chunk_size', 'max_new_tokens', 'top_k'):
         if cfg[key] < 0:
-            raise ValueError(f"--{key} must be >= 1 (or 0 for the model's own), got {cfg[key]}")
+            raise ValueError(f"--{key} must be >= 1 (or 0 for the default), got {cfg[key]}")
+    if cfg['num_samples'] < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {cfg['num_samples']}")
+    if not 0 < cfg['temperature'] < float('inf'):
+        raise ValueError(f"--temperature must be > 0 (--top_k=1 is greedy), got {cfg['temperature']}")
+    if not 0 <= cfg['exit_threshold'] <= 1:
+        raise ValueError(f"--exit_threshold must be in (0, 1] (or 0 for every loop), got {cfg['exit_threshold']}")
     if cfg['cache'] not in ('', 'melt', 'loop'):
         raise ValueError(f"--cache must be 'melt' or 'loop', got {cfg['cache']!r}")
-    torch.manual_seed(cfg['seed'])
-    model, codec = load(cfg)
     if cfg['dtype'] not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    check_device(cfg['device'])
+
+
+def main(argv):
+    cfg = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
+    check(cfg)
+    torch.manual_seed(cfg['seed'])
+    model, codec = load(cfg)
+    if codec.n_vocab < model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {codec.n_vocab} tokens, fewer than the model's vocabulary of "
+                         f"{model.config.vocab_size}: sampled ids past {codec.n_vocab - 1} could not be decoded")
     model.to(cfg['device'], DTYPES[cfg['dtype']]).eval()
     loops = cfg['loops'] or model.config.n_loops
     if isinstance(codec, WordCodec) and cfg['start'] == DEFAULTS['start']:
@@ -126,6 +140,8 @@ def main(argv):
         new_tokens = 1
     else:
         ids = codec.encode(read_prompt(cfg))
+        if not ids:
+            raise ValueError("the prompt (--start) is empty: give at least one token of text")
         prompts = [(ids, '')] * cfg['num_samples']
         new_tokens = cfg['max_new_tokens'] or model.config.block_size - len(ids)
     if cfg['compile'] and cfg['exit_threshold']:
@@ -166,5 +182,8 @@ def memory_line(model, kv, loops):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -961,7 +961,7 @@ def test_q_exit(looplm_dir, capsys):
         ids = tokens(4)
         everything, some = model.new_cache(1), model.new_cache(1)
         full = model.generate(ids, 8, top_k=1, cache=everything)
-        never = model.generate(ids, 8, top_k=1, exit_threshold=1.5, cache=some)  # q > 1: no early exit
+        never = model.generate(ids, 8, top_k=1, exit_threshold=1.0, cache=some)  # q = 1: no early exit here
         assert torch.equal(full, never) and some.loops_run == everything.loops_run == [3] * 8
         with torch.no_grad():
             model.exit_gate.bias.fill_(100.0)  # lambda_1 = 1: every token exits after loop 1
@@ -984,7 +984,7 @@ def test_q_exit(looplm_dir, capsys):
 def test_sample_errors(looplm_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r'no checkpoint folder .*nothing'):
         sample.main([f'--init_from={tmp_path}/nothing'])
-    with pytest.raises(ValueError, match=r"--loops must be >= 1 \(or 0 for the model's own\), got -1"):
+    with pytest.raises(ValueError, match=r"--loops must be >= 1 \(or 0 for the default\), got -1"):
         sample.main([f'--init_from={looplm_dir}', '--loops=-1', '--device=cpu', '--dtype=float32'])
     with pytest.raises(ValueError, match=r'prompt of 7 tokens \+ 40 new tokens is longer than block_size 18'):
         sample.main([f'--init_from={looplm_dir}', '--start=a=1 b=2 c=3 d=0 e=1 f=2 ?a', '--max_new_tokens=40',

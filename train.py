@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -85,6 +86,7 @@ PHASE_DEFAULTS = {
 PHASES = tuple(PHASE_DEFAULTS)
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+MODEL_FLAGS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden')  # the shape of a model from scratch
 
 
 def parse_args(argv, defaults=DEFAULTS):
@@ -126,12 +128,29 @@ def phase_config(name, overrides):
     cfg['out_dir'] = overrides.get('out_dir') or f'out/{name}'
     if cfg['init_from'].startswith('ouro:') and 'teacher' not in overrides:
         cfg['teacher'] = cfg['init_from']  # the Ouro model is its own MELT student's teacher
-    for key in ('loops', 'chunk_size', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+    for key in ('loops', 'chunk_size', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+                'log_interval', 'eval_iters', 'max_iters') + MODEL_FLAGS:
         if cfg[key] < 1:
             raise ValueError(f"--{key} must be >= 1, got {cfg[key]}")
+    for key in ('warmup_iters', 'transition_iters', 'weight_decay', 'grad_clip', 'exit_beta', 'kd_weight',
+                'distill_beta'):
+        if not cfg[key] >= 0:
+            raise ValueError(f"--{key} must be >= 0, got {cfg[key]}")
+    for key in ('learning_rate', 'gate_lr'):
+        if not 0 < cfg[key] < float('inf'):
+            raise ValueError(f"--{key} must be > 0, got {cfg[key]}")
     if cfg['dtype'] not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    check_device(cfg['device'])
+    cfg['given'] = sorted(overrides)  # what the command line set, for the checks on resume
     return cfg
+
+
+def check_device(device):
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}, but this machine has no CUDA device; use --device=cpu")
+    if not device.startswith(('cuda', 'cpu', 'mps')):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -147,16 +166,33 @@ class Data:
         meta_file = os.path.join(self.dir, 'meta.pkl')
         if not os.path.isfile(meta_file):
             raise FileNotFoundError(f"no meta.pkl in {self.dir}: run python {os.path.join(self.dir, 'prepare.py')} first")
-        with open(meta_file, 'rb') as f:
-            self.meta = pickle.load(f)
+        try:
+            with open(meta_file, 'rb') as f:
+                self.meta = pickle.load(f)
+        except Exception as e:  # a truncated or foreign file: pickle raises many kinds of errors
+            raise ValueError(f"{meta_file} is not a readable meta.pkl ({type(e).__name__}: {e}); "
+                             f"prepare the data set again") from None
+        if not isinstance(self.meta, dict) or not isinstance(self.meta.get('vocab_size'), int):
+            raise ValueError(f"{meta_file} lacks an integer 'vocab_size'; prepare the data set again")
         self.block_size, self.device = block_size, device
         # tasks may name tokens after which the target counts (the answers); else every token
         self.loss_after = torch.tensor(self.meta.get('loss_after', []), dtype=torch.long)
 
+    def tokens(self, split):
+        """The split's tokens, memory-mapped; checked to be uint16 ids, enough for a block."""
+        file = os.path.join(self.dir, f'{split}.bin')
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {split}.bin in {self.dir}: prepare the data set first")
+        size = os.path.getsize(file)
+        if size % 2:
+            raise ValueError(f"{file} has {size} bytes, an odd number: expected uint16 token ids (2 bytes each)")
+        if size // 2 <= self.block_size + 1:
+            raise ValueError(f"{file} has {size // 2} tokens; block_size {self.block_size} needs more than "
+                             f"{self.block_size + 1}")
+        return np.memmap(file, dtype=np.uint16, mode='r')
+
     def batch(self, split, batch_size, seed):
-        data = np.memmap(os.path.join(self.dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-        if len(data) <= self.block_size + 1:
-            raise ValueError(f"{split}.bin in {self.dir} has {len(data)} tokens; block_size {self.block_size} needs more")
+        data = self.tokens(split)
         g = torch.Generator().manual_seed(seed)
         ix = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=g).tolist()
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])
@@ -243,9 +279,17 @@ def load_checkpoint(path, device):
     file = os.path.join(path, 'ckpt.pt')
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no ckpt.pt in {path!r}: train that phase first (e.g. python train.py --phase=loop)")
-    ckpt = torch.load(file, map_location=device, weights_only=False)
-    model = MELT(MELTConfig(**ckpt['model_args']))
-    model.load_state_dict(strip_compile_prefix(ckpt['model']))
+    try:
+        ckpt = torch.load(file, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, empty or not a checkpoint: torch.load raises many kinds
+        raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
+        raise ValueError(f"{file} is not a checkpoint of train.py: it lacks 'model' or 'model_args'")
+    try:
+        model = MELT(MELTConfig(**ckpt['model_args']))
+        model.load_state_dict(strip_compile_prefix(ckpt['model']))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{file} does not hold a model of its own model_args: {str(e)[:300]}") from None
     return model, ckpt
 
 
@@ -274,11 +318,55 @@ def load_model(source, cache, cfg, meta):
 
 
 def save_checkpoint(out_dir, state):
-    """torch.save to a temporary file, then os.replace: an interrupted save keeps the old one."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    """torch.save to a temporary file of this run's own, then os.replace: an interrupted or
+    failed save (disk full) keeps the old checkpoint and leaves no temporary file behind."""
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='ckpt.pt.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(state, f)
+        os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"could not write {out_dir}/ckpt.pt ({e.strerror or e}); the last good one is untouched") from None
+        raise
+
+
+def check_out_dir(cfg):
+    """Before any training: the out dir is writable, and writing there loses nothing the run
+    reads or another phase made (unless this run resumes that very checkpoint)."""
+    out_dir = os.path.realpath(cfg['out_dir'])
+    if cfg['init_from'] != 'resume':
+        for role in ('init_from', 'teacher'):
+            source = cfg[role].removeprefix('ouro:')
+            if source and source != 'scratch' and os.path.realpath(source) == out_dir:
+                raise ValueError(f"--out_dir={cfg['out_dir']} is the --{role} this run reads; its checkpoint "
+                                 f"would be overwritten: pick another --out_dir")
+        existing = os.path.join(out_dir, 'ckpt.pt')
+        if os.path.isfile(existing):
+            try:
+                phase = torch.load(existing, map_location='cpu', weights_only=False).get('phase')
+            except Exception:
+                phase = None
+            if phase != cfg['phase']:
+                raise ValueError(f"{existing} holds a checkpoint of phase {phase!r}, not {cfg['phase']!r}: "
+                                 f"pick another --out_dir, or remove it yourself")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix='.write-test-')
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"--out_dir={cfg['out_dir']} is not a writable folder ({e.strerror or e})") from None
+
+
+def check_resume(cfg, ckpt):
+    """On resume the model's shape comes from the checkpoint: a shape flag that says
+    otherwise is refused rather than ignored."""
+    for flag in sorted(set(cfg['given']) & set(MODEL_FLAGS)):
+        if cfg[flag] != ckpt['model_args'][flag]:
+            raise ValueError(f"--{flag}={cfg[flag]} cannot apply on resume: the checkpoint's model has "
+                             f"{flag}={ckpt['model_args'][flag]}")
 
 
 # -----------------------------------------------------------------------------
@@ -302,11 +390,17 @@ def train(cfg):
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ptdtype = DTYPES[cfg['dtype']]
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    if master:
+        check_out_dir(cfg)
     data = Data(cfg['dataset'], cfg['block_size'], device)
+    for split in ('train', 'val'):
+        data.tokens(split)
 
     cache = 'loop' if cfg['phase'] == 'loop' else 'melt'
     resume = cfg['init_from'] == 'resume'
     model, ckpt = load_model(cfg['out_dir'] if resume else cfg['init_from'], cache, cfg, data.meta)
+    if resume:
+        check_resume(cfg, ckpt)
     if model.config.vocab_size < data.meta['vocab_size']:
         raise ValueError(f"data/{cfg['dataset']} has vocab_size {data.meta['vocab_size']}, "
                          f"the model only {model.config.vocab_size}")
@@ -316,12 +410,21 @@ def train(cfg):
     teacher_model = None
     if cfg['phase'] == 'distill' or (cfg['phase'] == 'transition' and cfg['kd_weight'] > 0):
         teacher_model, _ = load_model(cfg['teacher'], 'loop', cfg, data.meta)
+        student, teacher = model.config, teacher_model.config
+        shape = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden')
+        if any(getattr(student, k) != getattr(teacher, k) for k in shape):
+            raise ValueError(f"the teacher {cfg['teacher']} and the student differ in shape: "
+                             + ', '.join(f"{k} {getattr(teacher, k)} vs {getattr(student, k)}" for k in shape
+                                         if getattr(student, k) != getattr(teacher, k)))
         teacher_model.to(device).eval().requires_grad_(False)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], cfg['gate_lr'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
     iter_num, best_val_loss = 0, float('inf')
     if resume:
+        base_lrs = [g['base_lr'] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt['optimizer'])
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group['base_lr'] = base_lr  # this run's learning rates, not the saved ones
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     scaler = torch.amp.GradScaler(enabled=(cfg['dtype'] == 'float16'))
     raw_model = model
@@ -368,6 +471,9 @@ def train(cfg):
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']) and master and iter_num > 0:
             val_loss = estimate_val_loss()
             print(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if not math.isfinite(val_loss):
+                raise FloatingPointError(f"val loss is {val_loss} at iter {iter_num}; stopping. The last good "
+                                         f"checkpoint in {cfg['out_dir']} is untouched.")
             if val_loss < best_val_loss or cfg['always_save_checkpoint']:
                 best_val_loss = min(best_val_loss, val_loss)
                 save_checkpoint(cfg['out_dir'], checkpoint())
@@ -450,8 +556,9 @@ def main(argv):
     if not os.path.exists(os.path.join(DATA_DIR, 'reason', 'meta.pkl')):
         reason_task().prepare(os.path.join(DATA_DIR, 'reason'))
     t0 = time.time()
-    for name in PHASES:
-        train(phase_config(name, overrides))
+    configs = [phase_config(name, overrides) for name in PHASES]  # every flag checked before any training
+    for cfg in configs:
+        train(cfg)
     device = overrides.get('device', DEFAULTS['device'])
     loop_model, _ = load_checkpoint('out/loop', device)
     melt_model, _ = load_checkpoint('out/distill', device)
@@ -462,5 +569,8 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, full disk, read-only dirs
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: checkpoints already written stay as they were", file=sys.stderr)
+        sys.exit(130)

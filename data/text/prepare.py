@@ -13,6 +13,7 @@ import hashlib
 import os
 import pickle
 import sys
+import tempfile
 import urllib.request
 
 import numpy as np
@@ -33,28 +34,65 @@ def tokenizer_id(tokenizer):
 def load_encoding(tokenizer):
     if tokenizer == 'gpt2':
         import tiktoken
-        return tiktoken.get_encoding('gpt2')
+        try:
+            return tiktoken.get_encoding('gpt2')
+        except Exception as e:  # offline: tiktoken fetches GPT-2's files on first use
+            raise OSError(f"could not get GPT-2's encoding ({type(e).__name__}); tiktoken downloads it once, "
+                          f"so offline use --tokenizer=ouro:PATH (an Ouro folder's tokenizer.json, read locally)") from None
     if tokenizer.startswith('ouro:'):
         from ouro import ouro_tokenizer
-        return ouro_tokenizer(tokenizer.removeprefix('ouro:'))
+        path = tokenizer.removeprefix('ouro:')
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--tokenizer={tokenizer}: {path!r} is not a folder with a tokenizer.json")
+        return ouro_tokenizer(path)
     raise ValueError(f"--tokenizer must be 'gpt2' or 'ouro:PATH', got {tokenizer!r}")
 
 
 def prepare(input_file, out_dir, tokenizer='gpt2'):
-    with open(input_file, encoding='utf-8') as f:
-        text = f.read()
+    """Everything is read and encoded first; the three files are written under temporary
+    names and renamed only once all are written, so a failure leaves the old data set whole."""
+    try:
+        with open(input_file, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{input_file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if len(text) < 100:
         raise ValueError(f"{input_file} holds {len(text)} characters; need at least 100 to split 90/10")
     enc = load_encoding(tokenizer)
+    if enc.n_vocab > 2 ** 16:
+        raise ValueError(f"the tokenizer has {enc.n_vocab} tokens; uint16 files hold ids below 65,536")
     split = int(len(text) * 0.9)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, part in (('train', text[:split]), ('val', text[split:])):
-        ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)
-        ids.tofile(os.path.join(out_dir, f'{name}.bin'))
-        print(f"{name}: {len(ids):,} tokens")
+    parts = {name: np.array(enc.encode_ordinary(part), dtype=np.uint16)
+             for name, part in (('train', text[:split]), ('val', text[split:]))}
     meta = {'vocab_size': enc.n_vocab, 'tokenizer': tokenizer_id(tokenizer), 'tokenizer_path': tokenizer}
-    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
-        pickle.dump(meta, f)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    try:
+        for name, ids in parts.items():
+            written.append(write_temporary(out_dir, f'{name}.bin', ids.tofile))
+        written.append(write_temporary(out_dir, 'meta.pkl', lambda f: pickle.dump(meta, f)))
+    except BaseException:
+        for tmp, _ in written:
+            os.unlink(tmp)
+        raise
+    for tmp, final in written:
+        os.replace(tmp, final)
+    for name, ids in parts.items():
+        print(f"{name}: {len(ids):,} tokens")
+
+
+def write_temporary(out_dir, name, write):
+    """write(f) into a new temporary file next to `name`; returns (temporary, final) paths."""
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=name + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp, os.path.join(out_dir, name)
 
 
 def main(argv):
@@ -62,17 +100,28 @@ def main(argv):
     for arg in argv:
         key, _, value = arg.removeprefix('--').partition('=')
         if key not in args or not value:
-            sys.exit(f"unknown or empty option {arg!r}; expected --input=FILE, --tokenizer=gpt2|ouro:PATH, --out_dir=DIR")
+            raise ValueError(f"unknown or empty option {arg!r}; expected --input=FILE, --tokenizer=gpt2|ouro:PATH, "
+                             f"--out_dir=DIR")
         args[key] = value
     if args['input'] is None:
         args['input'] = os.path.join(HERE, 'input.txt')
         if not os.path.exists(args['input']):
             print(f"downloading {SHAKESPEARE} (offline? pass --input=FILE)")
-            urllib.request.urlretrieve(SHAKESPEARE, args['input'])
+            try:
+                urllib.request.urlretrieve(SHAKESPEARE, args['input'] + '.part')
+                os.replace(args['input'] + '.part', args['input'])
+            except OSError as e:
+                raise OSError(f"could not download {SHAKESPEARE} ({e}); offline, pass --input=FILE") from None
     elif not os.path.isfile(args['input']):
-        sys.exit(f"--input={args['input']}: no such file")
+        raise FileNotFoundError(f"--input={args['input']}: no such file")
     prepare(args['input'], args['out_dir'], args['tokenizer'])
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: the data set was left as it was", file=sys.stderr)
+        sys.exit(130)
