@@ -82,7 +82,10 @@ def model_shape(name):
     ckpt_file = os.path.join(name, 'ckpt.pt')
     if not os.path.isfile(ckpt_file):
         raise FileNotFoundError(f"--model={name}: expected tiny, ouro-1.4b, ouro-2.6b, ouro:PATH or a folder with ckpt.pt")
-    return torch.load(ckpt_file, map_location='cpu', weights_only=False)['model_args']
+    try:
+        return torch.load(ckpt_file, map_location='cpu', weights_only=False)['model_args']
+    except Exception as e:  # truncated, empty or not train.py's: torch.load raises many kinds
+        raise ValueError(f"{ckpt_file} is not a readable checkpoint of train.py ({type(e).__name__})") from None
 
 
 def build(shape, mode, device, dtype, seed=0):

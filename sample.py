@@ -98,8 +98,11 @@ def read_prompt(cfg):
         file = text.removeprefix('FILE:')
         if not os.path.isfile(file):
             raise FileNotFoundError(f"start file {file!r} does not exist")
-        with open(file, encoding='utf-8') as f:
-            text = f.read()
+        try:
+            with open(file, encoding='utf-8') as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"start file {file!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if cfg['chat']:
         from ouro import chat_prompt
         text = chat_prompt([{'role': 'user', 'content': text}], thinking=cfg['thinking'])
@@ -120,6 +123,8 @@ def check(cfg):
         raise ValueError(f"--cache must be 'melt' or 'loop', got {cfg['cache']!r}")
     if cfg['dtype'] not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    if (cfg['chat'] or cfg['thinking']) and not cfg['init_from'].startswith('ouro:'):
+        raise ValueError("--chat and --thinking use Ouro's chat format: they need --init_from=ouro:PATH")
     check_device(cfg['device'])
 
 

@@ -1138,7 +1138,7 @@ def test_a_damaged_ouro_folder_is_named(damage, tmp_path):
             tensors['model.norm.weight'] = tensors['model.norm.weight'].long()
             match = r'tensor model.norm.weight in .* is torch.int64, expected floating-point weights'
         else:
-            tensors['model.norm.weight'][3] = float('inf')
+            tensors['model.norm.weight'][3] = float('nan')
             match = r'tensor model.norm.weight in .* holds inf or nan values'
         save_file(tensors, str(weights), metadata={'format': 'pt'})
     elif damage == 'config not an object':

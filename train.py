@@ -303,6 +303,10 @@ def load_model(source, cache, cfg, meta):
                                chunk_size=cfg['chunk_size'])), None
     if source.startswith('ouro:'):
         path = source.removeprefix('ouro:')
+        from ouro import read_ouro_config
+        read_ouro_config(path)  # a clear error for a folder that is not Ouro's, before anything else
+        if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
+            raise FileNotFoundError(f"no tokenizer.json in {path!r}: the Ouro folder's tokenizer names its data")
         wanted = meta.get('tokenizer', '')
         from data.text.prepare import tokenizer_id
         if wanted != tokenizer_id(source):
@@ -325,8 +329,9 @@ def save_checkpoint(out_dir, state):
         with os.fdopen(fd, 'wb') as f:
             torch.save(state, f)
         os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
-    except BaseException as e:
-        os.unlink(tmp)
+    except BaseException as e:  # Ctrl-C included
+        if os.path.exists(tmp):  # not yet renamed
+            os.unlink(tmp)
         if isinstance(e, OSError):
             raise OSError(f"could not write {out_dir}/ckpt.pt ({e.strerror or e}); the last good one is untouched") from None
         raise
