@@ -1220,15 +1220,16 @@ def test_cuda_on_a_machine_without_it(reason_data, looplm_dir):
 
 def test_resume_refuses_a_new_shape_and_applies_a_new_learning_rate(reason_data, tmp_path, capsys):
     out_dir = tmp_path / 'run'
-    common = [f'--dataset={reason_data}', '--phase=loop', f'--out_dir={out_dir}', '--eval_interval=2']
-    run_train(capsys, *common, '--max_iters=2')
+    common = [f'--dataset={reason_data}', '--phase=loop', f'--out_dir={out_dir}', '--eval_interval=2', '--decay_lr=False']
+    run_train(capsys, *common, '--max_iters=2', '--learning_rate=2e-3')
     before = snapshot(out_dir)
     with pytest.raises(ValueError, match=r'--n_embd=64 cannot apply on resume: the checkpoint.s model has n_embd=32'):
         train.main(TRAIN_TINY + common + ['--init_from=resume', '--max_iters=4', '--n_embd=64'])
     assert snapshot(out_dir) == before
-    _, out = run_train(capsys, *common, '--init_from=resume', '--max_iters=4', '--learning_rate=1e-4',
-                       '--decay_lr=False')
-    assert re.search(r'^iter 2: loss [\d.]+ .*lr 1.00e-04', out, re.M), out
+    _, out = run_train(capsys, *common, '--init_from=resume', '--max_iters=4')  # the run's own rate, not the default
+    assert re.search(r'^iter 2: loss [\d.]+ .*lr 2.00e-03', out, re.M), out
+    _, out = run_train(capsys, *common, '--init_from=resume', '--max_iters=6', '--learning_rate=1e-4')
+    assert re.search(r'^iter 4: loss [\d.]+ .*lr 1.00e-04', out, re.M), out
 
 
 def test_disk_full_and_unwritable_out_dirs(reason_data, tmp_path, capsys, monkeypatch):

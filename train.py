@@ -367,11 +367,15 @@ def check_out_dir(cfg):
 
 def check_resume(cfg, ckpt):
     """On resume the model's shape comes from the checkpoint: a shape flag that says
-    otherwise is refused rather than ignored."""
+    otherwise is refused rather than ignored. Learning rates are the command line's if it
+    gives them, else the resumed run's own (never the defaults)."""
     for flag in sorted(set(cfg['given']) & set(MODEL_FLAGS)):
         if cfg[flag] != ckpt['model_args'][flag]:
             raise ValueError(f"--{flag}={cfg[flag]} cannot apply on resume: the checkpoint's model has "
                              f"{flag}={ckpt['model_args'][flag]}")
+    for key in ('learning_rate', 'gate_lr'):
+        if key not in cfg['given'] and key in ckpt.get('config', {}):
+            cfg[key] = ckpt['config'][key]
 
 
 # -----------------------------------------------------------------------------
