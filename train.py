@@ -15,6 +15,7 @@ $ torchrun --standalone --nproc_per_node=2 train.py --phase=loop     (DDP: nccl 
 Options are the module-level names below, as --key=value or --key value.
 """
 import ast
+import gc
 import importlib.util
 import math
 import os
@@ -517,7 +518,10 @@ def train(cfg):
                   f"{dt * 1000 / steps:.1f} ms/iter, {tokens_per_iter * steps / dt:,.0f} tok/s", flush=True)
             t0 = time.time()
         iter_num += 1
-    if ddp:
+    if ddp:  # every rank waits for the master's last save, and the DDP wrapper (with its gradient
+        torch.distributed.barrier()  # reducer) goes before the process group: else gloo's threads
+        del model                    # can outlive them and abort the process at exit
+        gc.collect()
         destroy_process_group()
     return raw_model
 
