@@ -27,7 +27,7 @@ import time
 import torch
 
 from melt import MELT, MELTConfig
-from train import parse_args
+from train import parse_args, run_script
 
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
@@ -219,7 +219,7 @@ def run_child(kind, *args):
     run = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, *args])],
                          capture_output=True, text=True, cwd=here)
     if run.returncode:
-        raise RuntimeError(f"bench child {kind} {args[1:]} failed:\n{run.stderr[-3000:]}")
+        raise ChildProcessError(f"bench child {kind} {args[1:]} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -401,10 +401,4 @@ if __name__ == '__main__':
     if sys.argv[1:2] == ['--child']:
         child(sys.argv[2])
     else:
-        try:
-            main(sys.argv[1:])
-        except (ValueError, OSError, RuntimeError) as e:
-            sys.exit(f"error: {e}")
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            sys.exit(130)
+        run_script(main)

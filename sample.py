@@ -16,7 +16,7 @@ import sys
 import torch
 
 from melt import MELT
-from train import DTYPES, Data, check_device, load_checkpoint, parse_args, reason_task
+from train import DTYPES, Data, check_device, load_checkpoint, parse_args, reason_task, run_script
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
@@ -185,10 +185,4 @@ def memory_line(model, kv, loops):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

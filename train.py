@@ -579,7 +579,9 @@ def main(argv):
     print(f"\nmain job done in {time.time() - t0:.0f} s")
 
 
-if __name__ == '__main__':
+def run_script(main):
+    """main(sys.argv[1:]) as a script (train.py, sample.py, bench.py): a user's mistake ends
+    in one line and exit status 1, Ctrl-C in one line and 130, never in a traceback."""
     try:
         main(sys.argv[1:])
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, full disk, read-only dirs
@@ -587,3 +589,7 @@ if __name__ == '__main__':
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoints already written stay as they were", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == '__main__':
+    run_script(main)

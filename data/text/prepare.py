@@ -117,7 +117,7 @@ def main(argv):
     prepare(args['input'], args['out_dir'], args['tokenizer'])
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # as train.run_script does, without importing torch for it
     try:
         main(sys.argv[1:])
     except (ValueError, OSError) as e:
