@@ -12,10 +12,10 @@ What a user asks of MELT against the LoopLM, as small tables:
    against the LoopLM's parallel step: time and peak memory (bytes allocated, and RSS), each
    in a process of its own.
 
-$ python bench.py                                   all three, on the tiny model (CPU: ~3 min)
+$ python bench.py                                   all three, on the tiny model (CPU: ~2 min)
 $ python bench.py --only=generate --prompt_tokens=4096 --loops=4
 $ python bench.py --model=ouro-1.4b --only=memory   the paper's memory figures (bf16, 32,000 tokens)
-$ python bench.py --model=ouro-1.4b --device=cuda --prompt_tokens=32000 --new_tokens=12 --compile
+$ python bench.py --model=ouro-1.4b --device=cuda --only=generate --prompt_tokens=32000 --new_tokens=12 --cuda_graph
 $ python bench.py --model=out/distill               a checkpoint's shape
 """
 import json

@@ -351,7 +351,7 @@ def check_out_dir(cfg):
         existing = os.path.join(out_dir, 'ckpt.pt')
         if os.path.isfile(existing):
             try:
-                phase = torch.load(existing, map_location='cpu', weights_only=False).get('phase')
+                phase = torch.load(existing, map_location='cpu', weights_only=False, mmap=True).get('phase')
             except Exception:
                 phase = None
             if phase != cfg['phase']:
@@ -587,7 +587,7 @@ def run_script(main):
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, full disk, read-only dirs
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("\ninterrupted: checkpoints already written stay as they were", file=sys.stderr)
+        print("\ninterrupted: files already written (checkpoints too) stay as they were", file=sys.stderr)
         sys.exit(130)
 
 
