@@ -1025,19 +1025,20 @@ def copy_dir(src, dst):
 
 def test_a_diverging_run_never_saves_over_the_last_good_checkpoint(reason_data, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / 'run'
-    real = train.phase_loss
+    real, seen = train.phase_loss, {}
 
     def nan_in_eval_after_iter_2(cfg, model, teacher_model, x, y, iter_num):
         loss, parts = real(cfg, model, teacher_model, x, y, iter_num)
         if not torch.is_grad_enabled() and iter_num >= 4:  # the model has diverged: val loss is nan
+            seen.setdefault('files', snapshot(out_dir))  # as they were before the bad evaluation
             loss = loss * float('nan')
         return loss, parts
     monkeypatch.setattr(train, 'phase_loss', nan_in_eval_after_iter_2)
     with pytest.raises(FloatingPointError, match=r'val loss is nan at iter 4; stopping. The last good checkpoint'):
         run_train(capsys, f'--dataset={reason_data}', '--phase=loop', '--max_iters=6', '--eval_interval=2',
                   f'--out_dir={out_dir}', '--always_save_checkpoint=True')
+    assert snapshot(out_dir) == seen['files']  # byte-identical, no temporary file left
     assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 2
-    assert not list(out_dir.glob('*.tmp'))
 
 
 def test_prepare_text_leaves_the_data_set_whole_when_it_fails(tmp_path):
