@@ -527,9 +527,9 @@ class MELT(nn.Module):
                  chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None, decode_step=None):
         """Prefill the prompt chunk-wise into a cache, then decode one token at a time.
         top_k=1 is greedy. The cache is sized to prompt + new tokens - 1 (the last token is
-        never run); pass your own empty one to read cache.nbytes and cache.loops_run afterwards. decode_step: a compiled
-        model.decode_step (sample.py --compile) instead of the eager forward.
-        Returns idx (B, T + new tokens)."""
+        never run); pass your own empty one to read cache.nbytes and cache.loops_run
+        afterwards. decode_step: a compiled model.decode_step (sample.py --compile) instead
+        of the eager forward. Returns idx (B, T + new tokens)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens = "

@@ -85,7 +85,8 @@ def ouro_tensor_files(path):
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        weight_map = read_json(index).get('weight_map') if isinstance(read_json(index), dict) else None
+        spec = read_json(index)
+        weight_map = spec.get('weight_map') if isinstance(spec, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files")
         shards = sorted(set(weight_map.values()))

@@ -11,7 +11,6 @@ $ python sample.py --compile                        a compiled decode step (slow
 Options as --key=value or --key value.
 """
 import os
-import sys
 
 import torch
 

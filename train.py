@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data.text.prepare import write_temporary
 from melt import MELT, MELTConfig, exit_distribution
 
 # -----------------------------------------------------------------------------
@@ -325,13 +326,12 @@ def load_model(source, cache, cfg, meta):
 def save_checkpoint(out_dir, state):
     """torch.save to a temporary file of this run's own, then os.replace: an interrupted or
     failed save (disk full) keeps the old checkpoint and leaves no temporary file behind."""
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='ckpt.pt.', suffix='.tmp')
+    tmp = None
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-        os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+        tmp, final = write_temporary(out_dir, 'ckpt.pt', lambda f: torch.save(state, f))
+        os.replace(tmp, final)
     except BaseException as e:  # Ctrl-C included
-        if os.path.exists(tmp):  # not yet renamed
+        if tmp and os.path.exists(tmp):  # written, not yet renamed
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise OSError(f"could not write {out_dir}/ckpt.pt ({e.strerror or e}); the last good one is untouched") from None
@@ -421,7 +421,7 @@ def train(cfg):
     if cfg['phase'] == 'distill' or (cfg['phase'] == 'transition' and cfg['kd_weight'] > 0):
         teacher_model, _ = load_model(cfg['teacher'], 'loop', cfg, data.meta)
         student, teacher = model.config, teacher_model.config
-        shape = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden')
+        shape = ('vocab_size',) + MODEL_FLAGS
         if any(getattr(student, k) != getattr(teacher, k) for k in shape):
             raise ValueError(f"the teacher {cfg['teacher']} and the student differ in shape: "
                              + ', '.join(f"{k} {getattr(teacher, k)} vs {getattr(student, k)}" for k in shape
