@@ -176,18 +176,34 @@ def attend(q, kv_melt, kv_loop, alpha, mask, is_causal, group):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # scale hs^-0.5
 
 
+GATES = ('element', 'scalar', 'last', 'first', 'mean', 'ema')
+
+
 class KVGate(nn.Module):
-    """MELT's gate on a layer's attention input, one value per channel (spec section 2):
-    z = sigmoid(x W_z + h_prev U_z + b_z),  h = z * h_prev + (1 - z) * x."""
+    """What a layer's shared K/V are made from at loop t >= 2: h = z * h_prev + (1 - z) * x,
+    x the attention input, h_prev the latent of loop t - 1. The kind sets z:
+        'element'  z = sigmoid(x W_z + h_prev U_z + b_z), one z per channel (MELT, the paper's)
+        'scalar'   the same with one z per token (W_z, U_z: d -> 1)
+        'last'     z = 0, h = x: Ouro's last-loop sharing
+        'first'    z = 1, h = x at loop 1
+        'mean'     z = (t - 1) / t, h = the mean of x over loops 1..t
+        'ema'      z = ema_z, fixed
+    The last four are the paper's ablations (README "Ablations") and have no parameters."""
 
-    def __init__(self, n_embd):
+    def __init__(self, n_embd, kind='element', ema_z=0.5):
         super().__init__()
-        self.w_z = nn.Linear(n_embd, n_embd, bias=False)
-        self.u_z = nn.Linear(n_embd, n_embd, bias=False)
-        self.b_z = nn.Parameter(torch.zeros(n_embd))
+        self.kind, self.ema_z = kind, ema_z
+        if kind in ('element', 'scalar'):
+            width = n_embd if kind == 'element' else 1
+            self.w_z = nn.Linear(n_embd, width, bias=False)
+            self.u_z = nn.Linear(n_embd, width, bias=False)
+            self.b_z = nn.Parameter(torch.zeros(width))
 
-    def forward(self, x, h_prev):
-        z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev) + self.b_z)
+    def forward(self, x, h_prev, loop):
+        if self.kind in ('element', 'scalar'):
+            z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev) + self.b_z)
+        else:  # loop is 0-based: h_prev holds loops 1..loop
+            z = {'last': 0.0, 'first': 1.0, 'mean': loop / (loop + 1), 'ema': self.ema_z}[self.kind]
         return torch.lerp(x, h_prev, z)  # = z * h_prev + (1 - z) * x, in one operation
 
 
@@ -201,7 +217,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
-        self.kv_gate = KVGate(config.n_embd) if config.cache == 'melt' else None
+        self.kv_gate = KVGate(config.n_embd, config.gate, config.ema_z) if config.cache == 'melt' else None
 
     def project_kv(self, h, chunk):
         B, C, _ = h.shape
@@ -217,7 +233,7 @@ class Attention(nn.Module):
         q = apply_rope(q, chunk.cos, chunk.sin)  # (B, nh, C, hs): the query always comes from x
         h = kv_melt = kv_loop = None
         if chunk.alpha > 0:  # MELT: keys and values from the gated latent h (h^1 = x^1, a guess)
-            h = x if h_prev is None else self.kv_gate(x, h_prev)
+            h = x if h_prev is None else self.kv_gate(x, h_prev, loop)
             kv_melt = chunk.cache.write_melt(self.layer, *self.project_kv(h, chunk), chunk)
         if chunk.alpha < 1:  # LoopLM: keys and values from x, one cache per loop
             kv_loop = chunk.cache.write_loop(loop, self.layer, *self.project_kv(x, chunk), chunk)
@@ -277,12 +293,18 @@ class MELTConfig:
     norm_eps: float = 1e-6
     cache: str = 'melt'  # 'melt' (one gated K/V per layer) or 'loop' (LoopLM: one per loop)
     chunk_size: int = 64  # MELT's chunk-wise forward; 1 = exact sequential decoding
+    gate: str = 'element'  # how MELT's shared K/V mix the loops: one of GATES (KVGate)
+    ema_z: float = 0.5  # z of gate='ema'
     gate_bias_init: float = -4.0  # b_z: z ~ 0.02 so h ~ x, i.e. start at Ouro's last-loop sharing
     init_std: float = 0.02
 
     def __post_init__(self):
         if self.cache not in ('melt', 'loop'):
             raise ValueError(f"cache must be 'melt' or 'loop', got {self.cache!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if not 0 <= self.ema_z <= 1:
+            raise ValueError(f"ema_z must be in [0, 1], got {self.ema_z}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
                              f"n_head by n_kv_head ({self.n_kv_head})")
@@ -371,7 +393,9 @@ class MELT(nn.Module):
         return model
 
     def gate_modules(self):
-        return [block.attn.kv_gate for block in self.layers if block.attn.kv_gate is not None]
+        """The gates with parameters ('element', 'scalar')."""
+        return [block.attn.kv_gate for block in self.layers if block.attn.kv_gate is not None
+                and block.attn.kv_gate.kind in ('element', 'scalar')]
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())

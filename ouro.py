@@ -67,7 +67,7 @@ def read_ouro_config(path):
     if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
         raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
                          f"!= hidden_size {hf['hidden_size']}, which this model needs")
-    fields.update(hf.get('melt', {}))  # our export adds cache, chunk_size, gate_bias_init; Ouro ignores it
+    fields.update(hf.get('melt', {}))  # our export adds cache, chunk_size, gate...; Ouro ignores it
     return fields
 
 
@@ -155,7 +155,8 @@ def save_ouro(model, path):
     hf.update(model_type='ouro', architectures=['OuroForCausalLM'], head_dim=c.head_dim,
               hidden_act='silu', tie_word_embeddings=False, early_exit_threshold=1.0,
               torch_dtype=str(model.lm_head.weight.dtype).removeprefix('torch.'))
-    hf['melt'] = {'cache': c.cache, 'chunk_size': c.chunk_size, 'gate_bias_init': c.gate_bias_init}
+    hf['melt'] = {'cache': c.cache, 'chunk_size': c.chunk_size, 'gate': c.gate, 'ema_z': c.ema_z,
+                  'gate_bias_init': c.gate_bias_init}
     tensors = {ouro_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(path, 'model.safetensors.tmp'), metadata={'format': 'pt'})
     with open(os.path.join(path, 'config.json.tmp'), 'w') as f:

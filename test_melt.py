@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from melt import MELT, MELTConfig, exit_distribution
+from melt import GATES, MELT, MELTConfig, exit_distribution
 from ouro import chat_prompt, ouro_tokenizer, stop_ids
 
 TINY = dict(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
@@ -94,8 +94,9 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
     cfg: Ouro's config.json fields; weights: tensors by Ouro's names.
     schedule: the chunk sizes, in order. kv: 'gated' = MELT (one K/V row per token, final
     once its chunk is done; h^1 = x^1, then the gate), 'open' = keys/values from x but
-    still one final row per token (Ouro's last-loop cache sharing), 'loop' = LoopLM (at
-    loop t every token attends to the loop-t K/V of earlier tokens)."""
+    still one final row per token (Ouro's last-loop cache sharing), 'mean' = from the mean
+    of the token's inputs x over the loops so far, 'ema:Z' = from h = Z h + (1 - Z) x, 'loop'
+    = LoopLM (at loop t every token attends to the loop-t K/V of earlier tokens)."""
     W = {k: v.double() for k, v in weights.items()}
     d, nh, nkv, n_layer = cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['num_hidden_layers']
     theta, eps = cfg['rope_theta'], cfg['rms_norm_eps']
@@ -119,6 +120,7 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
     for size in schedule:
         states = [W['model.embed_tokens.weight'][t] for t in ids[pos:pos + size]]
         latent = [[None] * n_layer for _ in states]
+        inputs = [[[] for _ in range(n_layer)] for _ in states]  # every loop's x, per token and layer
         last_kv = [None] * n_layer
         for t in range(loops):
             for l in range(n_layer):
@@ -126,10 +128,15 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
                 xs = [rms(s, W[p + 'input_layernorm.weight']) for s in states]
                 for i, x in enumerate(xs):
                     h = latent[i][l]
+                    inputs[i][l].append(x)
                     if kv == 'gated' and h is not None:
                         z = torch.sigmoid(W[p + 'self_attn.kv_gate.w_z.weight'] @ x
                                           + W[p + 'self_attn.kv_gate.u_z.weight'] @ h + W[p + 'self_attn.kv_gate.b_z'])
                         latent[i][l] = z * h + (1 - z) * x
+                    elif kv == 'mean':
+                        latent[i][l] = sum(inputs[i][l]) / len(inputs[i][l])
+                    elif kv.startswith('ema:') and h is not None:
+                        latent[i][l] = float(kv[4:]) * h + (1 - float(kv[4:])) * x
                     else:
                         latent[i][l] = x
                 chunk_kv = []
@@ -184,9 +191,9 @@ def max_diff(a, b):
 # ----------------------------------------------------------------------------------------
 # memory against loop count
 
-@pytest.mark.parametrize('mode', ['melt', 'loop'])
-def test_cache_bytes_against_loop_count(mode):
-    model = tiny_model(mode)
+@pytest.mark.parametrize('mode, gate', [('loop', 'element')] + [('melt', g) for g in GATES])
+def test_cache_bytes_against_loop_count(mode, gate):
+    model = tiny_model(mode, gate=gate)
     c = model.config
     ids = tokens(10)
     one_loop_bytes = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * 10 * 4  # fp32
@@ -204,19 +211,23 @@ def test_cache_bytes_against_loop_count(mode):
 def test_process_memory_of_prefill_and_decode_does_not_grow_with_loops():
     """Peak RSS of a 1,024-token prefill and of decoding, each run in a fresh process: MELT's
     grows by at most a tenth of the LoopLM's growth from 1 to 8 loops (the LoopLM's KV cache
-    does grow: 8 MB per loop here), and what MELT holds beyond its cache stays put."""
+    does grow: 8 MB per loop here), and what MELT holds beyond its cache stays put; for
+    every way of sharing the K/V (GATES)."""
     import bench
     shape = dict(vocab_size=256, block_size=1024, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, n_hidden=352, n_loops=4)
-    runs = {(mode, loops): bench.run_child('generate', shape, mode, loops, 1020, 4, 64, 'cpu', False)
-            for mode in ('melt', 'loop') for loops in (1, 8)}
+    runs = {(gate, loops): bench.run_child('generate', {**shape, 'gate': 'element' if gate == 'loop' else gate},
+                                           'loop' if gate == 'loop' else 'melt', loops, 1020, 4, 64, 'cpu', False)
+            for gate in ('loop',) + GATES for loops in (1, 8)}
     growth = {key: r['prefill_peak'] - r['base'] for key, r in runs.items()}
     loop_growth = growth['loop', 8] - growth['loop', 1]
     assert runs['loop', 8]['kv'] - runs['loop', 1]['kv'] == 7 * 8 * 2 * 128 * 1023 * 4
     assert loop_growth > 0.9 * (runs['loop', 8]['kv'] - runs['loop', 1]['kv'])
-    assert abs(growth['melt', 8] - growth['melt', 1]) <= 0.1 * loop_growth, (growth, loop_growth)
-    beyond = {loops: max(runs['melt', loops]['prefill_peak'], runs['melt', loops]['decode_peak'])
-              - runs['melt', loops]['base'] - runs['melt', loops]['kv'] for loops in (1, 8)}
-    assert abs(beyond[8] - beyond[1]) <= 4 * 2**20, beyond
+    for gate in GATES:
+        assert runs[gate, 8]['kv'] == runs[gate, 1]['kv'] == runs['loop', 1]['kv']
+        assert abs(growth[gate, 8] - growth[gate, 1]) <= 0.1 * loop_growth, (gate, growth, loop_growth)
+        beyond = {loops: max(runs[gate, loops]['prefill_peak'], runs[gate, loops]['decode_peak'])
+                  - runs[gate, loops]['base'] - runs[gate, loops]['kv'] for loops in (1, 8)}
+        assert abs(beyond[8] - beyond[1]) <= 4 * 2**20, (gate, beyond)
 
 
 def test_decode_writes_the_cache_in_place_and_the_static_step_agrees():
@@ -304,6 +315,45 @@ def test_gate_forced_open_is_last_loop_sharing():
     # and it is not the full LoopLM, whose tokens see every loop's K/V of earlier tokens
     ref_loop = naive(model, ids[0].tolist(), 3, [8], kv='loop')
     assert max_diff(ref, ref_loop) > 1e-3
+
+
+def melt_with_base_of(model, gate, **overrides):
+    """A MELT model with `gate` and the base weights of `model` (float64)."""
+    variant = in_float64(tiny_model('melt', seed=7, gate=gate, **overrides))
+    missing, _ = variant.load_state_dict({k: v for k, v in model.state_dict().items() if '.kv_gate.' not in k},
+                                         strict=False)
+    assert all('.kv_gate.' in k for k in missing)
+    return variant
+
+
+@pytest.mark.parametrize('gate, bias', [('last', -1e4), ('first', 1e4)])
+def test_last_and_first_loop_sharing_are_the_gate_forced_open_and_closed(gate, bias):
+    model = in_float64(tiny_model('melt'))
+    with torch.no_grad():
+        for g in model.gate_modules():
+            g.b_z.fill_(bias)  # z = sigmoid(-+1e4) = 0 or 1 exactly: h = x, or h = h_prev = x at loop 1
+    variant = melt_with_base_of(model, gate)
+    assert variant.gate_modules() == [] and variant.get_num_params() < model.get_num_params()
+    ids = tokens(10)
+    for chunk in (1, 4):
+        assert max_diff(variant(ids, chunk_size=chunk)[0], model(ids, chunk_size=chunk)[0]) < 1e-12
+    other = melt_with_base_of(model, 'first' if gate == 'last' else 'last')
+    assert max_diff(other(ids, chunk_size=1)[0], model(ids, chunk_size=1)[0]) > 1e-3  # the two differ
+
+
+@pytest.mark.parametrize('gate, kv', [('mean', 'mean'), ('ema', 'ema:0.3'), ('scalar', 'gated')])
+def test_mean_ema_and_scalar_sharing_match_a_naive_per_token_loop(gate, kv):
+    model = in_float64(tiny_model('melt', gate=gate, ema_z=0.3, n_loops=4))
+    ids = tokens(9)
+    for schedule in ([1] * 9, [4, 4, 1]):
+        ref = naive(model, ids[0].tolist(), 4, schedule, kv=kv)
+        out = model(ids, chunk_size=schedule[0])[0] if len(set(schedule)) == 1 else \
+            decode(model, ids, 4, prefill=8, chunk_size=4)[0]
+        assert max_diff(out[0], ref) < 1e-10, schedule
+    if gate == 'scalar':  # one z per token and layer
+        assert all(g.w_z.weight.shape == (1, TINY['n_embd']) and g.b_z.shape == (1,) for g in model.gate_modules())
+    else:  # and not the same as last-loop sharing
+        assert max_diff(model(ids, chunk_size=1)[0][0], naive(model, ids[0].tolist(), 4, [1] * 9, kv='open')) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------
@@ -759,7 +809,7 @@ def fixed_val_loss(phase, model, teacher_model, data_dir):
     cfg = train.phase_config(phase, train.parse_args(TRAIN_TINY))
     data = train.Data(data_dir, cfg['block_size'], 'cpu')
     with torch.no_grad():
-        return np.mean([train.phase_loss(cfg, model, teacher_model, *data.batch('val', 16, seed), 10**6)[0].item()
+        return np.mean([train.phase_loss(cfg, model, teacher_model, data.batch('val', 16, seed), 1.0)[0].item()
                         for seed in range(4)])
 
 
@@ -769,7 +819,7 @@ def test_each_phase_lowers_its_loss(reason_data, looplm_dir, tmp_path, capsys):
     assert np.mean([losses[i] for i in range(25, 30)]) < np.mean([losses[i] for i in range(5)]) - 0.3
     teacher_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
     cfg = train.phase_config('transition', train.parse_args(TRAIN_TINY))
-    start = train.load_model(looplm_dir, 'melt', cfg, {'vocab_size': 101})[0]  # LoopLM weights + new gates
+    start = train.load_model(looplm_dir, 'melt', cfg, {'vocab_size': 137})[0]  # LoopLM weights + new gates
     run_train(capsys, *common, '--phase=transition', f'--init_from={looplm_dir}', f'--out_dir={tmp_path}/transition',
               '--transition_iters=10', '--learning_rate=3e-3', '--gate_lr=3e-2')
     after_transition, _ = train.load_checkpoint(f'{tmp_path}/transition', 'cpu')
@@ -813,11 +863,12 @@ def test_distill_loss_is_zero_for_the_teacher_itself():
 def stop_at(monkeypatch, iter_to_stop, error):
     """Make train.phase_loss raise `error` (or return NaN, error=None) at one iteration;
     returns a dict that gets the checkpoint's bytes as they were at that moment."""
-    real, seen = train.phase_loss, {}
+    real, seen, steps = train.phase_loss, {}, []
 
-    def patched(cfg, model, teacher_model, x, y, iter_num):
-        loss, parts = real(cfg, model, teacher_model, x, y, iter_num)
-        if iter_num == iter_to_stop and model.training:
+    def patched(cfg, model, teacher_model, batch, alpha):
+        loss, parts = real(cfg, model, teacher_model, batch, alpha)
+        steps.extend([None] if model.training else [])  # one training call per iteration here
+        if len(steps) - 1 == iter_to_stop and model.training:
             seen['ckpt'] = open(os.path.join(cfg['out_dir'], 'ckpt.pt'), 'rb').read()
             if error is not None:
                 raise error
@@ -876,7 +927,7 @@ def test_bad_flags_and_mismatched_data(reason_data, looplm_dir, tmp_path):
         (bigger / f).write_bytes(open(os.path.join(reason_data, f), 'rb').read())
     with open(bigger / 'meta.pkl', 'wb') as f:
         pickle.dump({'vocab_size': 500, 'tokenizer': 'gpt2'}, f)
-    with pytest.raises(ValueError, match=r'has vocab_size 500, the model only 101'):
+    with pytest.raises(ValueError, match=r'has vocab_size 500, the model only 137'):
         train.main(TRAIN_TINY + [f'--dataset={bigger}', '--phase=transition', f'--init_from={looplm_dir}'])
 
 
@@ -949,10 +1000,10 @@ def test_sample_loops_8_with_melt_cache(looplm_dir, capsys):
     kv = sample.main([f'--init_from={looplm_dir}', '--cache=melt', '--loops', '8', '--num_samples=2',
                       '--device=cpu', '--dtype=float32'])
     out = capsys.readouterr().out
-    assert len(re.findall(r'^\n?[a-h]=\S+ .*\?[a-h] [0-3]  \(expected [0-3], [1-3] hops\)$', out, re.M)) == 2
+    assert len(re.findall(r'^\n?[a-h]=\S+ .*\?[a-h] [0-7]  \(expected [0-7], [1-4] hops\)$', out, re.M)) == 2
     held, n_tokens, looplm = (int(g.replace(',', '')) for g in re.search(
         r'KV cache \(MELT\): ([\d,]+) bytes for (\d+) tokens at 8 loops; a LoopLM cache would hold ([\d,]+)', out).groups())
-    assert held == kv.nbytes and looplm == 8 * held and n_tokens == kv.length == 7
+    assert held == kv.nbytes and looplm == 8 * held and n_tokens == kv.length == 8
     assert kv.loops_run and set(kv.loops_run) == {8}
 
 
@@ -1025,11 +1076,12 @@ def copy_dir(src, dst):
 
 def test_a_diverging_run_never_saves_over_the_last_good_checkpoint(reason_data, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / 'run'
-    real, seen = train.phase_loss, {}
+    real, seen, steps = train.phase_loss, {}, []
 
-    def nan_in_eval_after_iter_2(cfg, model, teacher_model, x, y, iter_num):
-        loss, parts = real(cfg, model, teacher_model, x, y, iter_num)
-        if not torch.is_grad_enabled() and iter_num >= 4:  # the model has diverged: val loss is nan
+    def nan_in_eval_after_iter_2(cfg, model, teacher_model, batch, alpha):
+        loss, parts = real(cfg, model, teacher_model, batch, alpha)
+        steps.extend([None] if torch.is_grad_enabled() else [])
+        if not torch.is_grad_enabled() and len(steps) >= 4:  # the model has diverged: val loss is nan
             seen.setdefault('files', snapshot(out_dir))  # as they were before the bad evaluation
             loss = loss * float('nan')
         return loss, parts

@@ -33,7 +33,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.text.prepare import write_temporary
-from melt import MELT, MELTConfig, exit_distribution
+from melt import GATES, MELT, MELTConfig, exit_distribution
 
 # -----------------------------------------------------------------------------
 # default config values; PHASE_DEFAULTS below adjusts some per phase
@@ -48,8 +48,8 @@ eval_iters = 10
 always_save_checkpoint = False  # else only when val loss improves (best-checkpoint keeping)
 seed = 1337
 # data
-batch_size = 64
-block_size = 24  # 3 problems of the reasoning task per row
+batch_size = 192
+block_size = 8  # one problem of the reasoning task per row (9 tokens: 8 in, the answer out)
 gradient_accumulation_steps = 1
 # model (for init_from='scratch')
 n_layer = 1
@@ -58,7 +58,9 @@ n_kv_head = 4
 n_embd = 64
 n_hidden = 176
 loops = 4  # loops per token in training
-chunk_size = 3  # MELT's chunk-wise forward (spec section 3)
+chunk_size = 2  # MELT's chunk-wise forward (spec section 3); 8 tokens per row = 4 chunks
+gate = 'element'  # MELT's K/V sharing: element | scalar | last | first | mean | ema (melt.KVGate)
+ema_z = 0.5  # the fixed z of gate='ema'
 # optimizer
 learning_rate = 3e-3  # base weights
 gate_lr = 1e-2  # MELT's gate parameters (the paper: 8e-6 base, 5e-4 gates at 1.4B)
@@ -70,7 +72,9 @@ grad_clip = 1.0
 warmup_iters = 50
 decay_lr = True  # cosine to min_lr = learning_rate / 10
 # objectives
-exit_beta = 0.1  # Ouro: expected CE over exits - exit_beta * entropy of the exit distribution
+objective = ''  # 'depth' | 'ouro'; default: 'depth' where the data has depths, 'ouro' from an Ouro checkpoint
+exit_beta = 0.1  # 'ouro': expected CE over exits - exit_beta * entropy of the exit distribution
+exit_weight = 0.1  # 'depth': weight of the exit gate's BCE (loop k answers as well as the last)
 transition_iters = 300  # phase 1: alpha = min(1, iter / transition_iters), linear (a guess)
 kd_weight = 0.0  # phase 1: optional KL(teacher || student) added to the data loss
 distill_beta = 0.1  # phase 2: weight of the attention-output alignment
@@ -83,7 +87,7 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isin
 PHASE_DEFAULTS = {
     'loop': dict(init_from='scratch', max_iters=2000),
     'transition': dict(init_from='out/loop', teacher='out/loop', max_iters=400, learning_rate=1e-3),
-    'distill': dict(init_from='out/transition', teacher='out/loop', max_iters=300, learning_rate=5e-4, gate_lr=5e-3),
+    'distill': dict(init_from='out/transition', teacher='out/loop', max_iters=1000, learning_rate=5e-4, gate_lr=5e-3),
 }
 PHASES = tuple(PHASE_DEFAULTS)
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -134,13 +138,19 @@ def phase_config(name, overrides):
                 'log_interval', 'eval_iters', 'max_iters') + MODEL_FLAGS:
         if cfg[key] < 1:
             raise ValueError(f"--{key} must be >= 1, got {cfg[key]}")
-    for key in ('warmup_iters', 'transition_iters', 'weight_decay', 'grad_clip', 'exit_beta', 'kd_weight',
+    for key in ('warmup_iters', 'transition_iters', 'weight_decay', 'grad_clip', 'exit_beta', 'exit_weight', 'kd_weight',
                 'distill_beta'):
         if not cfg[key] >= 0:
             raise ValueError(f"--{key} must be >= 0, got {cfg[key]}")
     for key in ('learning_rate', 'gate_lr'):
         if not 0 < cfg[key] < float('inf'):
             raise ValueError(f"--{key} must be > 0, got {cfg[key]}")
+    if cfg['gate'] not in GATES:
+        raise ValueError(f"--gate must be one of {', '.join(GATES)}, got {cfg['gate']!r}")
+    if not 0 <= cfg['ema_z'] <= 1:
+        raise ValueError(f"--ema_z must be in [0, 1], got {cfg['ema_z']}")
+    if cfg['objective'] not in ('', 'depth', 'ouro'):
+        raise ValueError(f"--objective must be depth or ouro, got {cfg['objective']!r}")
     if cfg['dtype'] not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     check_device(cfg['device'])
@@ -179,6 +189,8 @@ class Data:
         self.block_size, self.device = block_size, device
         # tasks may name tokens after which the target counts (the answers); else every token
         self.loss_after = torch.tensor(self.meta.get('loss_after', []), dtype=torch.long)
+        self.row_len = self.meta.get('row_len', 1)  # rows start where a problem starts (1: anywhere)
+        self.has_depth = all(os.path.isfile(os.path.join(self.dir, f'{split}_depth.bin')) for split in ('train', 'val'))
 
     def tokens(self, split):
         """The split's tokens, memory-mapped; checked to be uint16 ids, enough for a block."""
@@ -193,15 +205,28 @@ class Data:
                              f"{self.block_size + 1}")
         return np.memmap(file, dtype=np.uint16, mode='r')
 
+    def depths(self, split):
+        """The split's depth file: for every token, the hops of the problem it belongs to."""
+        file = os.path.join(self.dir, f'{split}_depth.bin')
+        if os.path.getsize(file) != os.path.getsize(os.path.join(self.dir, f'{split}.bin')) // 2:
+            raise ValueError(f"{file} must hold one byte per token of {split}.bin; prepare the data set again")
+        return np.memmap(file, dtype=np.uint8, mode='r')
+
     def batch(self, split, batch_size, seed):
+        """(x, y, depth) of batch_size rows; y is -1 where no loss is taken; depth (the hops of
+        each target's problem) is None for data without a depth file."""
         data = self.tokens(split)
         g = torch.Generator().manual_seed(seed)
-        ix = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=g).tolist()
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        ix = (torch.randint((len(data) - self.block_size - 1) // self.row_len, (batch_size,), generator=g)
+              * self.row_len).tolist()
+
+        def rows(tokens, offset):
+            return torch.stack([torch.from_numpy(tokens[i + offset:i + offset + self.block_size].astype(np.int64))
+                                for i in ix]).to(self.device)
+        x, y = rows(data, 0), rows(data, 1)
         if len(self.loss_after):
-            y = torch.where(torch.isin(x, self.loss_after), y, -1)
-        return x.to(self.device), y.to(self.device)
+            y = torch.where(torch.isin(x, self.loss_after.to(x.device)), y, -1)
+        return x, y, rows(self.depths(split), 1) if self.has_depth else None
 
 
 def batch_seed(seed, iter_num, micro_step, split='train'):
@@ -227,6 +252,32 @@ def ouro_loss(aux, targets, beta):
     return (per_token * mask).sum() / counted, {'ce': (ce[..., -1] * mask).sum() / counted}
 
 
+def depth_loss(aux, targets, depth, exit_weight):
+    """Supervision by depth (our choice for the toy task, not Ouro's): loop k learns only the
+    tokens whose problem needs at most k hops, the last loop learns all, so loop k is asked
+    for hop k and no loop for a one-pass guess. The exit gate learns, by BCE, whether loop k
+    already answers as well as the last loop (its CE within 0.1 nats), for Q-exit."""
+    mask = (targets >= 0).float()
+    ce = torch.stack([token_ce(lg, targets) for lg in aux['logits']], dim=-1)  # (B, T, loops)
+    n = ce.size(-1)
+    learns = torch.stack([mask * (depth <= k + 1) if k < n - 1 else mask for k in range(n)], dim=-1)
+    loss = ((ce * learns).sum((0, 1)) / learns.sum((0, 1)).clamp_min(1)).mean()  # mean over loops
+    counted = mask.sum().clamp_min(1)
+    parts = {'ce': (ce[..., -1] * mask).sum() / counted}
+    if n > 1:
+        done = (ce[..., :-1] - ce[..., -1:]).detach() < 0.1
+        bce = F.binary_cross_entropy_with_logits(aux['exit_logits'][..., :-1].float(), done.float(), reduction='none')
+        parts['exit'] = (bce.mean(-1) * mask).sum() / counted
+        loss = loss + exit_weight * parts['exit']
+    return loss, parts
+
+
+def objective_loss(cfg, aux, targets, depth):
+    if cfg['objective'] == 'depth':
+        return depth_loss(aux, targets, depth, cfg['exit_weight'])
+    return ouro_loss(aux, targets, cfg['exit_beta'])
+
+
 def kl_every_loop(student_aux, teacher_aux):
     """KL(teacher || student) of the next-token distributions, averaged over tokens and over
     every loop's exit (the paper does not say which exits; we take all)."""
@@ -244,19 +295,21 @@ def attention_alignment(student_aux, teacher_aux):
 
 
 def alpha_at(cfg, iter_num):
+    """alpha at an iteration: 0 for the LoopLM, the transition's linear ramp, 1 for distill."""
+    if cfg['phase'] != 'transition':
+        return 0.0 if cfg['phase'] == 'loop' else 1.0
     return min(1.0, iter_num / cfg['transition_iters']) if cfg['transition_iters'] > 0 else 1.0
 
 
-def phase_loss(cfg, model, teacher_model, x, y, iter_num):
-    """The phase's loss and its parts (for the log)."""
+def phase_loss(cfg, model, teacher_model, batch, alpha):
+    """The phase's loss and its parts (for the log) on batch = (x, y, depth)."""
+    x, y, depth = batch
     if cfg['phase'] == 'loop':
         _, _, aux = model(x, loops=cfg['loops'], return_aux=True)
-        loss, parts = ouro_loss(aux, y, cfg['exit_beta'])
-        return loss, parts
-    alpha = alpha_at(cfg, iter_num) if cfg['phase'] == 'transition' else 1.0
+        return objective_loss(cfg, aux, y, depth)
     _, _, aux = model(x, loops=cfg['loops'], chunk_size=cfg['chunk_size'], alpha=alpha, return_aux=True)
     if cfg['phase'] == 'transition':
-        loss, parts = ouro_loss(aux, y, cfg['exit_beta'])
+        loss, parts = objective_loss(cfg, aux, y, depth)
         parts['alpha'] = alpha
         if cfg['kd_weight'] > 0:
             with torch.no_grad():
@@ -302,7 +355,7 @@ def load_model(source, cache, cfg, meta):
         return MELT(MELTConfig(vocab_size=meta['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
                                n_head=cfg['n_head'], n_kv_head=cfg['n_kv_head'], n_embd=cfg['n_embd'],
                                n_hidden=cfg['n_hidden'], n_loops=cfg['loops'], cache=cache,
-                               chunk_size=cfg['chunk_size'])), None
+                               chunk_size=cfg['chunk_size'], gate=cfg['gate'], ema_z=cfg['ema_z'])), None
     if source.startswith('ouro:'):
         path = source.removeprefix('ouro:')
         from ouro import read_ouro_config
@@ -314,12 +367,17 @@ def load_model(source, cache, cfg, meta):
         if wanted != tokenizer_id(source):
             raise ValueError(f"data/{cfg['dataset']} was tokenized with {wanted!r}, not with {path}'s tokenizer: "
                              f"run python data/text/prepare.py --input=FILE --tokenizer={source}")
-        return MELT.from_ouro(path, cache=cache, dtype=torch.float32, chunk_size=cfg['chunk_size']), None
+        gate = dict(gate=cfg['gate'], ema_z=cfg['ema_z']) if cache == 'melt' else {}
+        return MELT.from_ouro(path, cache=cache, dtype=torch.float32, chunk_size=cfg['chunk_size'], **gate), None
     model, ckpt = load_checkpoint(source, 'cpu')
     if model.config.cache == 'melt' and cache == 'loop':
         raise ValueError(f"{source} holds a MELT model; the LoopLM phase and the teacher need a LoopLM or Ouro checkpoint")
-    if model.config.cache == 'loop' and cache == 'melt':
-        model.config.chunk_size = cfg['chunk_size']
+    if model.config.cache == 'loop' and cache == 'melt':  # a new MELT model: its gates are this run's
+        model.config.chunk_size, model.config.gate, model.config.ema_z = cfg['chunk_size'], cfg['gate'], cfg['ema_z']
+    for key in ('gate', 'ema_z'):
+        if model.config.cache == 'melt' and key in cfg['given'] and cfg[key] != getattr(model.config, key):
+            raise ValueError(f"{source} holds a MELT model with {key}={getattr(model.config, key)!r}; "
+                             f"--{key}={cfg[key]} applies only when MELT starts from a LoopLM")
     return model.as_cache(cache), ckpt
 
 
@@ -405,6 +463,13 @@ def train(cfg):
     data = Data(cfg['dataset'], cfg['block_size'], device)
     for split in ('train', 'val'):
         data.tokens(split)
+        if data.has_depth:
+            data.depths(split)
+    if not cfg['objective']:  # Ouro's own objective for Ouro checkpoints and for data without depths
+        cfg['objective'] = 'depth' if data.has_depth and not cfg['init_from'].startswith('ouro:') else 'ouro'
+    if cfg['objective'] == 'depth' and not data.has_depth:
+        raise ValueError(f"--objective=depth needs train_depth.bin and val_depth.bin in {data.dir} "
+                         f"(the hops of each token's problem); data/reason/prepare.py writes them")
 
     cache = 'loop' if cfg['phase'] == 'loop' else 'melt'
     resume = cfg['init_from'] == 'resume'
@@ -458,10 +523,10 @@ def train(cfg):
         model.eval()
         losses = []
         for k in range(cfg['eval_iters']):
-            x, y = data.batch('val', cfg['batch_size'], batch_seed(cfg['seed'], 0, k, 'val'))
+            batch = data.batch('val', cfg['batch_size'], batch_seed(cfg['seed'], 0, k, 'val'))
             with ctx:  # the transition is judged at alpha = 1: the MELT model it is making
-                at = max(iter_num, cfg['transition_iters']) if cfg['phase'] == 'transition' else iter_num
-                losses.append(phase_loss(cfg, raw_model, teacher_model, x, y, at)[0].item())
+                alpha = 0.0 if cfg['phase'] == 'loop' else 1.0
+                losses.append(phase_loss(cfg, raw_model, teacher_model, batch, alpha)[0].item())
         model.train()
         return sum(losses) / len(losses)
 
@@ -473,7 +538,7 @@ def train(cfg):
     tokens_per_iter = cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']
     if master:
         print(f"phase {cfg['phase']}: {raw_model.get_num_params():,} parameters, cache={raw_model.config.cache}, "
-              f"loops={cfg['loops']}, {tokens_per_iter:,} tokens/iter, from {cfg['init_from']} -> {cfg['out_dir']}")
+              f"loops={cfg['loops']}, objective={cfg['objective']}, {tokens_per_iter:,} tokens/iter, from {cfg['init_from']} -> {cfg['out_dir']}")
     t0 = time.time()
     while True:
         for group in optimizer.param_groups:
@@ -492,11 +557,11 @@ def train(cfg):
             break
         parts_sum = {}
         for micro in range(accum):
-            x, y = data.batch('train', cfg['batch_size'], batch_seed(cfg['seed'], iter_num, rank * accum + micro))
+            batch = data.batch('train', cfg['batch_size'], batch_seed(cfg['seed'], iter_num, rank * accum + micro))
             if ddp:  # only the last micro-step syncs gradients
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:
-                loss, parts = phase_loss(cfg, model, teacher_model, x, y, iter_num)
+                loss, parts = phase_loss(cfg, model, teacher_model, batch, alpha_at(cfg, iter_num))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at iter {iter_num}; stopping. The last good "
                                          f"checkpoint in {cfg['out_dir']} is untouched.")
@@ -539,6 +604,18 @@ def reason_task():
     return module
 
 
+def prepare_reason_task(folder):
+    """data/reason, made (again) unless it holds the current task's data with its depths."""
+    task = reason_task()
+    try:
+        with open(os.path.join(folder, 'meta.pkl'), 'rb') as f:
+            current = pickle.load(f).get('itos') == task.WORDS
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        current = False
+    if not current or not all(os.path.isfile(os.path.join(folder, f'{s}_depth.bin')) for s in ('train', 'val')):
+        task.prepare(folder)
+
+
 def final_table(loop_model, melt_model, device, eval_loops=(1, 2, 4, 8)):
     """Accuracy on held-out problems and KV-cache bytes per token (fp32 as trained, and bf16)."""
     task = reason_task()
@@ -566,8 +643,7 @@ def main(argv):
         raise ValueError("the main job (--phase=all) runs on data/reason; pick a --phase for other data")
     if 'out_dir' in overrides:
         raise ValueError("--out_dir is per phase; the main job writes out/loop, out/transition, out/distill")
-    if not os.path.exists(os.path.join(DATA_DIR, 'reason', 'meta.pkl')):
-        reason_task().prepare(os.path.join(DATA_DIR, 'reason'))
+    prepare_reason_task(os.path.join(DATA_DIR, 'reason'))
     t0 = time.time()
     configs = [phase_config(name, overrides) for name in PHASES]  # every flag checked before any training
     for cfg in configs:

@@ -2,12 +2,14 @@
 A synthetic multi-step reasoning task, made offline: resolve a chain of variable
 assignments. Each statement is one token ("b=a", "a=3"), so one attention step is one hop:
 
-    c=2 b=d a=b h=1 d=3 e=c ?a 3        (a -> b -> d -> 3: three hops)
+    c=2 b=d a=b h=1 d=7 e=c ?a 7        (a -> b -> d -> 7: three hops)
 
-A model must follow `hops` links to answer, so a looped model needs more loops for more
-hops and accuracy measurably grows with loops. Every problem is PROBLEM_LEN tokens.
+A model must follow `hops` links to answer: a 1-layer looped model makes about one hop per
+loop, so accuracy grows with loops. Every problem is PROBLEM_LEN tokens, and its hop count
+is written next to it (train_depth.bin: one uint8 per token), for train.py's depth objective.
 
-$ python data/reason/prepare.py          writes train.bin / val.bin (uint16) + meta.pkl here
+$ python data/reason/prepare.py          writes train.bin / val.bin (uint16), train_depth.bin /
+                                         val_depth.bin (uint8) and meta.pkl here
 """
 import os
 import pickle
@@ -17,9 +19,9 @@ import sys
 import numpy as np
 
 VARIABLES = 'abcdefgh'
-VALUES = '0123'
-N_STATEMENTS = 5
-MAX_HOPS = 3
+VALUES = '01234567'
+N_STATEMENTS = 6
+MAX_HOPS = 4
 WORDS = ['\n'] + list(VALUES) + [f'?{v}' for v in VARIABLES] + \
         [f'{v}={w}' for v in VARIABLES for w in VARIABLES + VALUES if v != w]
 STOI = {w: i for i, w in enumerate(WORDS)}
@@ -51,7 +53,7 @@ def decode(ids):
 
 
 def eval_problems(n=1000, seed=12345):
-    """Held-out problems, hops 1..MAX_HOPS equally often: (prompts (n, 8), answers, hops)."""
+    """Held-out problems, hops 1..MAX_HOPS equally often: (prompts (n, PROBLEM_LEN - 1), answers, hops)."""
     rng = random.Random(seed)
     rows = [problem(rng, hops=1 + i % MAX_HOPS) for i in range(n)]
     return (np.array([encode(p) for p, _, _ in rows]), np.array([STOI[a] for _, a, _ in rows]),
@@ -73,13 +75,19 @@ def accuracy(model, loops, n=1000, device='cpu', chunk_size=None):
 
 
 def prepare(out_dir, n_train=200_000, n_val=5_000, seed=0):
+    """Writes meta.pkl last (and removes an old one first): a folder with a meta.pkl is whole."""
+    meta_file = os.path.join(out_dir, 'meta.pkl')
+    if os.path.exists(meta_file):
+        os.unlink(meta_file)
     rng = random.Random(seed)
     for split, n in (('train', n_train), ('val', n_val)):
-        ids = [i for _ in range(n) for p, a, _ in [problem(rng)] for i in encode(p + [a])]
-        np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f'{split}.bin'))
+        rows = [problem(rng) for _ in range(n)]
+        np.array([encode(p + [a]) for p, a, _ in rows], dtype=np.uint16).tofile(os.path.join(out_dir, f'{split}.bin'))
+        depth = np.repeat(np.array([h for _, _, h in rows], dtype=np.uint8), PROBLEM_LEN)  # each token: its problem's hops
+        depth.tofile(os.path.join(out_dir, f'{split}_depth.bin'))
     meta = {'vocab_size': len(WORDS), 'itos': WORDS, 'stoi': STOI, 'tokenizer': 'reason',
-            'loss_after': QUERY_IDS}
-    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
+            'loss_after': QUERY_IDS, 'row_len': PROBLEM_LEN, 'max_depth': MAX_HOPS}
+    with open(meta_file, 'wb') as f:
         pickle.dump(meta, f)
     print(f"wrote {n_train:,} + {n_val:,} problems ({PROBLEM_LEN} tokens each, vocab {len(WORDS)}) to {out_dir}")
 

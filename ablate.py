@@ -1,0 +1,182 @@
+"""
+The ablation grid: MELT's design choices, trained and measured on the reasoning task
+(README "Ablations"). From one shared LoopLM (the main job's settings), every row runs the
+post-training phases it keeps, once per seed, then decodes the held-out problems as
+deployed (chunk size 1) at 1, 2, 4 and 8 loops.
+
+$ python ablate.py                      9 rows x 2 seeds, 2 runs at a time (one thread each),
+                                        into out/ablate; prints the table, writes the figure
+$ python ablate.py --seeds=3 --jobs=1 --rows=element,last
+
+The figure (accuracy against loops per row, KV bytes against loops) needs matplotlib, an
+optional package: pip install matplotlib. Without it the table is still printed.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EVAL_LOOPS = (1, 2, 4, 8)
+# name: (--gate, what the row leaves out)
+ROWS = {
+    'element': ('element', None),  # MELT as the paper trains it
+    'scalar': ('scalar', None),
+    'last': ('last', None),
+    'first': ('first', None),
+    'mean': ('mean', None),
+    'ema': ('ema', None),
+    'no transition': ('element', 'transition'),  # phase 2 straight from the LoopLM and fresh gates
+    'no distill': ('element', 'distill'),  # phase 1 only
+    'no chunks': ('element', 'chunks'),  # both phases with one chunk = the whole row
+}
+DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure='assets/ablation.png')
+
+
+def plan(row, seed, loop_dir, root, block_size):
+    """The train.py runs of one (row, seed), in order, and the folder of the model to evaluate."""
+    gate, without = ROWS[row]
+    where = os.path.join(root, row.replace(' ', '_'), f'seed{seed}')
+    common = [f'--seed={seed}', f'--gate={gate}', f'--teacher={loop_dir}', '--log_interval=1000000']
+    if without == 'chunks':
+        common.append(f'--chunk_size={block_size}')
+    transition = ['--phase=transition', f'--init_from={loop_dir}', f'--out_dir={where}/transition']
+    distill = ['--phase=distill', f'--init_from={where}/transition', f'--out_dir={where}/distill']
+    if without == 'transition':
+        return [common + ['--phase=distill', f'--init_from={loop_dir}', f'--out_dir={where}/distill']], f'{where}/distill'
+    if without == 'distill':
+        return [common + transition], f'{where}/transition'
+    return [common + transition, common + distill], f'{where}/distill'
+
+
+def train_py(args, threads):
+    """One train.py run in its own process, limited to `threads` CPU threads."""
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
+    run = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *args], cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise ChildProcessError(f"train.py {' '.join(args)} failed:\n{run.stdout[-1500:]}{run.stderr[-1500:]}")
+
+
+def evaluate(folder):
+    """Accuracy (overall and per hop) at every EVAL_LOOPS count, decoding with chunk size 1."""
+    import torch
+    from train import load_checkpoint, reason_task
+    torch.set_num_threads(2)
+    model, _ = load_checkpoint(folder, 'cpu')
+    task = reason_task()
+    out = {}
+    for n in EVAL_LOOPS:
+        acc, per_hop = task.accuracy(model.eval(), n, chunk_size=1)
+        out[n] = {'acc': acc, 'per_hop': per_hop, 'kv_bytes': model.config.kv_bytes_per_token(n, 4)}
+    return out
+
+
+def table(results, seeds):
+    """One line per row: the mean over seeds and, after +-, half their range, at each loop count."""
+    lines = [f"{'row':<14} {'seeds':>5}  " + '  '.join(f'{n} loop{"s" if n > 1 else " "}'.rjust(12) for n in EVAL_LOOPS)
+             + '   KV bytes/token at 1 / 8 loops']
+    for row, by_seed in results.items():
+        cells = []
+        for n in EVAL_LOOPS:
+            accs = [by_seed[s][n]['acc'] for s in by_seed]
+            cells.append(f"{sum(accs) / len(accs):.3f} ±{(max(accs) - min(accs)) / 2:.3f}".rjust(12))
+        first = next(iter(by_seed.values()))
+        kv = f"{first[EVAL_LOOPS[0]]['kv_bytes']:,} / {first[EVAL_LOOPS[-1]]['kv_bytes']:,}"
+        lines.append(f"{row:<14} {len(by_seed):>5}  " + '  '.join(cells) + f"   {kv}")
+    return '\n'.join(lines)
+
+
+def figure(results, path):
+    """Accuracy against loops per row (the seeds' range as error bars), and KV bytes against
+    loops for the LoopLM and MELT. Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [2, 1]})
+    for row, by_seed in results.items():
+        accs = [[by_seed[s][n]['acc'] for s in by_seed] for n in EVAL_LOOPS]
+        mean = [sum(a) / len(a) for a in accs]
+        err = [[m - min(a) for m, a in zip(mean, accs)], [max(a) - m for m, a in zip(mean, accs)]]
+        style = dict(color='black', linestyle='--', linewidth=2) if row == 'LoopLM' else {}
+        left.errorbar(EVAL_LOOPS, mean, yerr=err, marker='o', capsize=3, label=row, **style)
+    left.set(xscale='log', xticks=EVAL_LOOPS, xticklabels=EVAL_LOOPS, xlabel='loops at decoding',
+             ylabel='accuracy (1,000 held-out problems)', title='Accuracy by K/V sharing and ablation (trained at 4 loops)')
+    left.legend(fontsize=8, ncol=2)
+    kv = {row: [results[row][next(iter(results[row]))][n]['kv_bytes'] for n in EVAL_LOOPS]
+          for row in ('LoopLM', 'element') if row in results}
+    for row, values in kv.items():
+        right.plot(EVAL_LOOPS, values, marker='o', label='MELT (every row)' if row == 'element' else row)
+    right.set(xscale='log', xticks=EVAL_LOOPS, xticklabels=EVAL_LOOPS, xlabel='loops', ylabel='KV bytes per token (fp32)',
+              title='KV cache per token')
+    right.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def parse(argv):
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        key, eq, value = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or key not in cfg or not eq:
+            raise ValueError(f"unknown option {arg!r}; expected --key=value with key in {', '.join(cfg)}")
+        cfg[key] = value
+    for key in ('seeds', 'jobs'):
+        if not str(cfg[key]).isdigit() or int(cfg[key]) < 1:
+            raise ValueError(f"--{key} must be an integer >= 1, got {cfg[key]!r}")
+        cfg[key] = int(cfg[key])
+    cfg['rows'] = [r.replace('_', ' ') for r in cfg['rows'].split(',')]
+    unknown = [r for r in cfg['rows'] if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown row {unknown[0]!r}; rows are {', '.join(r.replace(' ', '_') for r in ROWS)}")
+    return cfg
+
+
+def main(argv):
+    cfg = parse(argv)
+    import train  # after the flags are checked: importing torch takes a while
+    t0 = time.time()
+    data_dir = os.path.join(train.DATA_DIR, 'reason')
+    train.prepare_reason_task(data_dir)
+    loop_dir = os.path.join(cfg['out_dir'], 'loop')
+    if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
+        print(f"training the shared LoopLM into {loop_dir}", flush=True)
+        train_py(['--phase=loop', f'--out_dir={loop_dir}', '--log_interval=1000000'], threads=2)
+    block_size = train.DEFAULTS['block_size']
+    runs = [(row, seed) for row in cfg['rows'] for seed in range(1, cfg['seeds'] + 1)]
+
+    def run(row_seed):
+        phases, folder = plan(*row_seed, loop_dir, cfg['out_dir'], block_size)
+        started = time.time()
+        for args in phases:
+            train_py(args, threads=1)
+        print(f"  {row_seed[0]}, seed {row_seed[1]}: trained in {time.time() - started:.0f} s", flush=True)
+        return folder
+
+    print(f"{len(runs)} runs, {cfg['jobs']} at a time", flush=True)
+    with ThreadPoolExecutor(cfg['jobs']) as pool:
+        folders = dict(zip(runs, pool.map(run, runs)))
+    results = {'LoopLM': {0: evaluate(loop_dir)}}
+    for (row, seed), folder in folders.items():
+        results.setdefault(row, {})[seed] = evaluate(folder)
+    with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    print(f"\naccuracy decoding with chunk size 1 (mean over seeds ± half their range), 1,000 held-out problems\n"
+          + table(results, cfg['seeds']))
+    if figure(results, cfg['figure']):
+        print(f"\nwrote {cfg['figure']}")
+    else:
+        print("\nno figure: matplotlib is not installed (pip install matplotlib)")
+    print(f"\nablation grid done in {time.time() - t0:.0f} s")
+
+
+if __name__ == '__main__':
+    from train import run_script
+    run_script(main)
