@@ -4,7 +4,7 @@ The ablation grid: MELT's design choices, trained and measured on the reasoning 
 post-training phases it keeps, once per seed, then decodes the held-out problems as
 deployed (chunk size 1) at 1, 2, 4 and 8 loops.
 
-$ python ablate.py                      9 rows x 2 seeds, 2 runs at a time (one thread each),
+$ python ablate.py                      10 rows x 2 seeds, 2 runs at a time (one thread each),
                                         into out/ablate; prints the table, writes the figure
 $ python ablate.py --seeds=3 --jobs=1 --rows=element,last
 
@@ -31,15 +31,20 @@ ROWS = {
     'no transition': ('element', 'transition'),  # phase 2 straight from the LoopLM and fresh gates
     'no distill': ('element', 'distill'),  # phase 1 only
     'no chunks': ('element', 'chunks'),  # both phases with one chunk = the whole row
+    'ouro objective': (None, 'depth'),  # not MELT: the LoopLM itself, trained with Ouro's objective
 }
-DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure='assets/ablation.png')
+DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure='assets/ablation.png',
+                train_args='')  # flags added to every train.py run, e.g. --train_args="--max_iters=100"
 
 
-def plan(row, seed, loop_dir, root, block_size):
+def plan(row, seed, loop_dir, root, block_size, train_args=()):
     """The train.py runs of one (row, seed), in order, and the folder of the model to evaluate."""
     gate, without = ROWS[row]
     where = os.path.join(root, row.replace(' ', '_'), f'seed{seed}')
-    common = [f'--seed={seed}', f'--gate={gate}', f'--teacher={loop_dir}', '--log_interval=1000000']
+    if without == 'depth':
+        return [[*train_args, f'--seed={seed}', '--phase=loop', '--objective=ouro', f'--out_dir={where}/loop',
+                 '--log_interval=1000000']], f'{where}/loop'
+    common = [*train_args, f'--seed={seed}', f'--gate={gate}', f'--teacher={loop_dir}', '--log_interval=1000000']
     if without == 'chunks':
         common.append(f'--chunk_size={block_size}')
     transition = ['--phase=transition', f'--init_from={loop_dir}', f'--out_dir={where}/transition']
@@ -103,10 +108,10 @@ def figure(results, path):
         accs = [[by_seed[s][n]['acc'] for s in by_seed] for n in EVAL_LOOPS]
         mean = [sum(a) / len(a) for a in accs]
         err = [[m - min(a) for m, a in zip(mean, accs)], [max(a) - m for m, a in zip(mean, accs)]]
-        style = dict(color='black', linestyle='--', linewidth=2) if row == 'LoopLM' else {}
+        style = dict(color='black' if row == 'LoopLM' else 'gray', linestyle='--') if ROWS.get(row, (None,))[0] is None else {}
         left.errorbar(EVAL_LOOPS, mean, yerr=err, marker='o', capsize=3, label=row, **style)
     left.set(xscale='log', xticks=EVAL_LOOPS, xticklabels=EVAL_LOOPS, xlabel='loops at decoding',
-             ylabel='accuracy (1,000 held-out problems)', title='Accuracy by K/V sharing and ablation (trained at 4 loops)')
+             ylabel='accuracy (1,000 held-out problems)', title='MELT rows and the LoopLMs (dashed), trained at 4 loops')
     left.legend(fontsize=8, ncol=2)
     kv = {row: [results[row][next(iter(results[row]))][n]['kv_bytes'] for n in EVAL_LOOPS]
           for row in ('LoopLM', 'element') if row in results}
@@ -142,18 +147,20 @@ def parse(argv):
 def main(argv):
     cfg = parse(argv)
     import train  # after the flags are checked: importing torch takes a while
+    train_args = cfg['train_args'].split()
+    train.parse_args(train_args)  # a typo fails here, not in the first run
     t0 = time.time()
     data_dir = os.path.join(train.DATA_DIR, 'reason')
     train.prepare_reason_task(data_dir)
     loop_dir = os.path.join(cfg['out_dir'], 'loop')
     if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
         print(f"training the shared LoopLM into {loop_dir}", flush=True)
-        train_py(['--phase=loop', f'--out_dir={loop_dir}', '--log_interval=1000000'], threads=2)
-    block_size = train.DEFAULTS['block_size']
+        train_py([*train_args, '--phase=loop', f'--out_dir={loop_dir}', '--log_interval=1000000'], threads=2)
+    block_size = train.parse_args(train_args).get('block_size', train.DEFAULTS['block_size'])
     runs = [(row, seed) for row in cfg['rows'] for seed in range(1, cfg['seeds'] + 1)]
 
     def run(row_seed):
-        phases, folder = plan(*row_seed, loop_dir, cfg['out_dir'], block_size)
+        phases, folder = plan(*row_seed, loop_dir, cfg['out_dir'], block_size, train_args)
         started = time.time()
         for args in phases:
             train_py(args, threads=1)

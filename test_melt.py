@@ -860,6 +860,73 @@ def test_distill_loss_is_zero_for_the_teacher_itself():
     assert torch.isclose(train.kl_every_loop({'logits': [s]}, {'logits': [t]}), expected)
 
 
+def test_depth_objective_hand_worked():
+    """Loop k learns only the tokens whose problem needs at most k hops, the last loop all."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 3, 5, generator=g) for _ in range(3)]
+    exit_logits = torch.randn(2, 3, 3, generator=g)
+    targets = torch.tensor([[-1, 2, 4], [1, -1, 0]])
+    depth = torch.tensor([[1, 1, 3], [2, 2, 1]])
+    loss, parts = train.depth_loss({'logits': logits, 'exit_logits': exit_logits}, targets, depth, 0.5)
+    per_loop, ces = [], {}
+    for k in range(3):  # the naive way: token by token
+        terms = []
+        for b in range(2):
+            for t in range(3):
+                if targets[b, t] < 0:
+                    continue
+                ce = -torch.log_softmax(logits[k][b, t], -1)[targets[b, t]]
+                ces[k, b, t] = ce
+                if depth[b, t] <= k + 1 or k == 2:
+                    terms.append(ce)
+        per_loop.append(sum(terms) / len(terms))
+    bce = []
+    for (b, t) in [(0, 1), (0, 2), (1, 0), (1, 2)]:
+        for k in range(2):
+            done = float(ces[k, b, t] - ces[2, b, t] < 0.1)
+            p = torch.sigmoid(exit_logits[b, t, k])
+            bce.append(-(done * torch.log(p) + (1 - done) * torch.log(1 - p)) / 2)
+    exit_term = sum(bce) / 4
+    assert torch.isclose(parts['exit'], exit_term, atol=1e-6)
+    assert torch.isclose(loss, sum(per_loop) / 3 + 0.5 * exit_term, atol=1e-6)
+
+
+def resolve(words):
+    """(answer, hops) of a reasoning problem, followed link by link."""
+    links = dict(w.split('=') for w in words if '=' in w)
+    name, hops = [w for w in words if w.startswith('?')][0][1:], 0
+    while name in links:
+        name, hops = links[name], hops + 1
+    return name, hops
+
+
+def test_rows_hold_one_problem_and_depth_is_its_hop_count(reason_data):
+    data = train.Data(reason_data, 8, 'cpu')
+    itos = data.meta['itos']
+    x, y, depth = data.batch('train', 64, seed=3)
+    assert (x[:, 0] == itos.index('\n')).all()  # every row starts at a problem
+    assert ((y >= 0).sum(1) == 1).all() and (y[:, -1] >= 0).all()  # one answer, at the query
+    for row, target, d in zip(x.tolist(), y[:, -1].tolist(), depth.tolist()):
+        answer, hops = resolve([itos[i] for i in row])
+        assert itos[target] == answer and set(d) == {hops}
+    assert sorted(set(depth[:, 0].tolist())) == [1, 2, 3, 4]
+
+
+def test_the_objective_is_depth_on_the_task_and_ouro_from_ouro_or_without_depths(reason_data, tmp_path):
+    def choose(*flags, folder=reason_data):
+        cfg = train.phase_config('loop', train.parse_args(list(flags)))
+        return train.choose_objective(cfg, train.Data(folder, 8, 'cpu'))
+    assert choose() == 'depth' and choose('--objective=ouro') == 'ouro'
+    assert choose('--init_from=ouro:/some/Ouro-1.4B') == 'ouro'
+    plain = tmp_path / 'plain'
+    plain.mkdir()
+    for f in ('train.bin', 'val.bin', 'meta.pkl'):
+        (plain / f).write_bytes((pathlib.Path(reason_data) / f).read_bytes())
+    assert choose(folder=str(plain)) == 'ouro'
+    with pytest.raises(ValueError, match=r'--objective=depth needs train_depth.bin and val_depth.bin in .*plain'):
+        choose('--objective=depth', folder=str(plain))
+
+
 def stop_at(monkeypatch, iter_to_stop, error):
     """Make train.phase_loss raise `error` (or return NaN, error=None) at one iteration;
     returns a dict that gets the checkpoint's bytes as they were at that moment."""
@@ -1045,6 +1112,61 @@ def test_sample_errors(looplm_dir, tmp_path):
         sample.main([f'--init_from={looplm_dir}', '--start=' + 'a=1 ' * 18, '--device=cpu', '--dtype=float32'])
     with pytest.raises(FileNotFoundError, match=r"start file '.*missing.txt' does not exist"):
         sample.main([f'--init_from={looplm_dir}', f'--start=FILE:{tmp_path}/missing.txt', '--device=cpu', '--dtype=float32'])
+
+
+def test_ablation_rows_switch_what_they_say():
+    import ablate
+    runs = {row: ablate.plan(row, 2, 'L', 'R', 8) for row in ablate.ROWS}
+    flags = {row: [dict(a.removeprefix('--').split('=', 1) for a in args) for args in phases]
+             for row, (phases, _) in runs.items()}
+    for row in ('element', 'scalar', 'last', 'first', 'mean', 'ema'):  # both phases, chunk-wise, the row's gate
+        assert [f['phase'] for f in flags[row]] == ['transition', 'distill'] and runs[row][1] == f'R/{row}/seed2/distill'
+        assert all(f['gate'] == row and f['seed'] == '2' and 'chunk_size' not in f for f in flags[row])
+        assert flags[row][0]['init_from'] == 'L' and flags[row][1]['init_from'] == f'R/{row}/seed2/transition'
+    assert [f['phase'] for f in flags['no transition']] == ['distill'] and flags['no transition'][0]['init_from'] == 'L'
+    assert [f['phase'] for f in flags['no distill']] == ['transition'] and runs['no distill'][1].endswith('transition')
+    assert [f['chunk_size'] for f in flags['no chunks']] == ['8', '8']  # one chunk = the whole row
+    assert all(f['teacher'] == 'L' for row, fs in flags.items() for f in fs if row != 'ouro objective')
+    assert flags['ouro objective'] == [{'seed': '2', 'phase': 'loop', 'objective': 'ouro', 'out_dir': 'R/ouro_objective/seed2/loop',
+                                        'log_interval': '1000000'}]
+
+
+def test_no_transition_starts_distillation_from_the_looplm_with_fresh_gates(looplm_dir):
+    loop_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
+    cfg = train.phase_config('distill', train.parse_args(TRAIN_TINY + [f'--init_from={looplm_dir}']))
+    student, _ = train.load_model(cfg['init_from'], 'melt', cfg, {'vocab_size': 137})
+    base = student.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in loop_model.state_dict().items())
+    for gate in student.gate_modules():  # reset_gates' values, the same as a transition starts with
+        assert not gate.w_z.weight.any() and not gate.u_z.weight.any()
+        assert (gate.b_z == student.config.gate_bias_init).all()
+
+
+def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys):
+    import ablate
+    flags = TRAIN_TINY + [f'--dataset={reason_data}', '--max_iters=3', '--eval_interval=3', '--transition_iters=2']
+    ablate.main([f'--out_dir={tmp_path}', '--rows=no_distill,no_chunks', '--seeds=2', f'--figure={tmp_path}/fig.png',
+                 '--train_args=' + ' '.join(flags)])
+    out = capsys.readouterr().out
+    results = json.load(open(tmp_path / 'results.json'))
+    assert list(results) == ['LoopLM', 'no distill', 'no chunks'] and list(results['no chunks']) == ['1', '2']
+    for row, by_seed in results.items():
+        for at in by_seed.values():
+            kv = [at[str(n)]['kv_bytes'] for n in ablate.EVAL_LOOPS]
+            assert kv == ([kv[0] * n for n in ablate.EVAL_LOOPS] if row == 'LoopLM' else [kv[0]] * 4), row
+        accs = [[by_seed[s][str(n)]['acc'] for s in by_seed] for n in ablate.EVAL_LOOPS]
+        cells = ' '.join(f"{np.mean(a):.3f} ±{(max(a) - min(a)) / 2:.3f}" for a in accs)
+        assert re.search(re.escape(row) + r' +' + str(len(by_seed)) + ' +' + r' +'.join(re.escape(c) for c in cells.split(' ')), out)
+    assert not (tmp_path / 'no_distill' / 'seed1' / 'distill').exists()
+    for seed in (1, 2):
+        for phase in ('transition', 'distill'):
+            ckpt = torch.load(tmp_path / 'no_chunks' / f'seed{seed}' / phase / 'ckpt.pt', weights_only=False)
+            assert ckpt['config']['chunk_size'] == 18 and ckpt['config']['seed'] == seed  # TRAIN_TINY's block_size
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / 'fig.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    except ImportError:
+        assert 'no figure: matplotlib is not installed' in out and not (tmp_path / 'fig.png').exists()
 
 
 def test_bench_memory_table_reproduces_the_paper(capsys):

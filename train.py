@@ -272,6 +272,16 @@ def depth_loss(aux, targets, depth, exit_weight):
     return loss, parts
 
 
+def choose_objective(cfg, data):
+    """--objective, or by default 'depth' where the data has depths, and Ouro's own objective
+    for data without them and for training that starts from an Ouro checkpoint."""
+    objective = cfg['objective'] or ('depth' if data.has_depth and not cfg['init_from'].startswith('ouro:') else 'ouro')
+    if objective == 'depth' and not data.has_depth:
+        raise ValueError(f"--objective=depth needs train_depth.bin and val_depth.bin in {data.dir} "
+                         f"(the hops of each token's problem); data/reason/prepare.py writes them")
+    return objective
+
+
 def objective_loss(cfg, aux, targets, depth):
     if cfg['objective'] == 'depth':
         return depth_loss(aux, targets, depth, cfg['exit_weight'])
@@ -465,11 +475,7 @@ def train(cfg):
         data.tokens(split)
         if data.has_depth:
             data.depths(split)
-    if not cfg['objective']:  # Ouro's own objective for Ouro checkpoints and for data without depths
-        cfg['objective'] = 'depth' if data.has_depth and not cfg['init_from'].startswith('ouro:') else 'ouro'
-    if cfg['objective'] == 'depth' and not data.has_depth:
-        raise ValueError(f"--objective=depth needs train_depth.bin and val_depth.bin in {data.dir} "
-                         f"(the hops of each token's problem); data/reason/prepare.py writes them")
+    cfg['objective'] = choose_objective(cfg, data)
 
     cache = 'loop' if cfg['phase'] == 'loop' else 'melt'
     resume = cfg['init_from'] == 'resume'
