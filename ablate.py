@@ -7,6 +7,7 @@ deployed (chunk size 1) at 1, 2, 4 and 8 loops.
 $ python ablate.py                      10 rows x 2 seeds, 2 runs at a time (one thread each),
                                         into out/ablate; prints the table, writes the figure
 $ python ablate.py --seeds=3 --jobs=1 --rows=element,last
+$ python ablate.py --replot=yes          the table and figure again from out/ablate/results.json
 
 The figure (accuracy against loops per row, KV bytes against loops) needs matplotlib, an
 optional package: pip install matplotlib. Without it the table is still printed.
@@ -34,7 +35,8 @@ ROWS = {
     'ouro objective': (None, 'depth'),  # not MELT: the LoopLM itself, trained with Ouro's objective
 }
 DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure='assets/ablation.png',
-                train_args='')  # flags added to every train.py run, e.g. --train_args="--max_iters=100"
+                train_args='',  # flags added to every train.py run, e.g. --train_args="--max_iters=100"
+                replot='no')  # yes: the table and figure again from out_dir's results.json, without training
 
 
 def plan(row, seed, loop_dir, root, block_size, train_args=()):
@@ -104,14 +106,16 @@ def figure(results, path):
     except ImportError:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [2, 1]})
+    colors = iter(plt.get_cmap('tab10').colors)
     for row, by_seed in results.items():
         accs = [[by_seed[s][n]['acc'] for s in by_seed] for n in EVAL_LOOPS]
         mean = [sum(a) / len(a) for a in accs]
         err = [[m - min(a) for m, a in zip(mean, accs)], [max(a) - m for m, a in zip(mean, accs)]]
-        style = dict(color='black' if row == 'LoopLM' else 'gray', linestyle='--') if ROWS.get(row, (None,))[0] is None else {}
+        looplm = ROWS.get(row, (None,))[0] is None  # the shared LoopLM and the one of Ouro's objective
+        style = dict(color='black', linestyle='--' if row == 'LoopLM' else ':') if looplm else dict(color=next(colors))
         left.errorbar(EVAL_LOOPS, mean, yerr=err, marker='o', capsize=3, label=row, **style)
     left.set(xscale='log', xticks=EVAL_LOOPS, xticklabels=EVAL_LOOPS, xlabel='loops at decoding',
-             ylabel='accuracy (1,000 held-out problems)', title='MELT rows and the LoopLMs (dashed), trained at 4 loops')
+             ylabel='accuracy (1,000 held-out problems)', title='MELT rows and the LoopLMs (black), trained at 4 loops')
     left.legend(fontsize=8, ncol=2)
     kv = {row: [results[row][next(iter(results[row]))][n]['kv_bytes'] for n in EVAL_LOOPS]
           for row in ('LoopLM', 'element') if row in results}
@@ -120,6 +124,8 @@ def figure(results, path):
     right.set(xscale='log', xticks=EVAL_LOOPS, xticklabels=EVAL_LOOPS, xlabel='loops', ylabel='KV bytes per token (fp32)',
               title='KV cache per token')
     right.legend()
+    for ax in (left, right):
+        ax.minorticks_off()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -137,6 +143,8 @@ def parse(argv):
         if not str(cfg[key]).isdigit() or int(cfg[key]) < 1:
             raise ValueError(f"--{key} must be an integer >= 1, got {cfg[key]!r}")
         cfg[key] = int(cfg[key])
+    if cfg['replot'] not in ('yes', 'no'):
+        raise ValueError(f"--replot must be yes or no, got {cfg['replot']!r}")
     cfg['rows'] = [r.replace('_', ' ') for r in cfg['rows'].split(',')]
     unknown = [r for r in cfg['rows'] if r not in ROWS]
     if unknown:
@@ -144,8 +152,25 @@ def parse(argv):
     return cfg
 
 
+def report(results, cfg):
+    print("\naccuracy decoding with chunk size 1 (mean over seeds ± half their range), 1,000 held-out problems\n"
+          + table(results, cfg['seeds']))
+    if figure(results, cfg['figure']):
+        print(f"\nwrote {cfg['figure']}")
+    else:
+        print("\nno figure: matplotlib is not installed (pip install matplotlib)")
+
+
 def main(argv):
     cfg = parse(argv)
+    if cfg['replot'] == 'yes':
+        file = os.path.join(cfg['out_dir'], 'results.json')
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {file}: run python ablate.py first")
+        with open(file) as f:  # JSON keys are strings: seeds and loop counts back to integers
+            saved = json.load(f)
+        return report({row: {int(s): {int(n): at for n, at in by_n.items()} for s, by_n in by_seed.items()}
+                       for row, by_seed in saved.items()}, cfg)
     import train  # after the flags are checked: importing torch takes a while
     train_args = cfg['train_args'].split()
     train.parse_args(train_args)  # a typo fails here, not in the first run
@@ -175,12 +200,7 @@ def main(argv):
         results.setdefault(row, {})[seed] = evaluate(folder)
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
-    print(f"\naccuracy decoding with chunk size 1 (mean over seeds ± half their range), 1,000 held-out problems\n"
-          + table(results, cfg['seeds']))
-    if figure(results, cfg['figure']):
-        print(f"\nwrote {cfg['figure']}")
-    else:
-        print("\nno figure: matplotlib is not installed (pip install matplotlib)")
+    report(results, cfg)
     print(f"\nablation grid done in {time.time() - t0:.0f} s")
 
 

@@ -555,9 +555,9 @@ class MELT(nn.Module):
         afterwards. decode_step: a compiled model.decode_step (sample.py --compile) instead
         of the eager forward. Returns idx (B, T + new tokens)."""
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens = "
-                             f"{T + max_new_tokens}, longer than block_size {self.config.block_size}")
+        if T + max(max_new_tokens, 1) - 1 > self.config.block_size:  # the last new token is never run
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens run {T + max_new_tokens - 1} "
+                             f"positions, more than block_size {self.config.block_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
         if exit_threshold is not None and not 0 < exit_threshold <= 1:

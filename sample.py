@@ -147,7 +147,7 @@ def main(argv):
         if not ids:
             raise ValueError("the prompt (--start) is empty: give at least one token of text")
         prompts = [(ids, '')] * cfg['num_samples']
-        new_tokens = cfg['max_new_tokens'] or model.config.block_size - len(ids)
+        new_tokens = cfg['max_new_tokens'] or model.config.block_size - len(ids) + 1  # the last one is not run
     if cfg['compile'] and cfg['exit_threshold']:
         raise ValueError("--exit_threshold stops loops per token, which a compiled step cannot; drop --compile")
     step = None
@@ -155,9 +155,9 @@ def main(argv):
         cuda = cfg['device'].startswith('cuda')
         step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
     for ids, note in prompts:
-        if len(ids) + max(new_tokens, 1) > model.config.block_size:
-            raise ValueError(f"prompt of {len(ids)} tokens + {max(new_tokens, 1)} new tokens is longer than "
-                             f"block_size {model.config.block_size}")
+        if len(ids) + max(new_tokens, 1) - 1 > model.config.block_size:  # the last new token is not run
+            raise ValueError(f"prompt of {len(ids)} tokens + {max(new_tokens, 1)} new tokens run "
+                             f"{len(ids) + max(new_tokens, 1) - 1} positions, more than block_size {model.config.block_size}")
         kv = model.new_cache(1, max_tokens=len(ids) + max(new_tokens, 1) - 1, loops=loops)  # the last token is not run
         y = model.generate(torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,

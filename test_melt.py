@@ -493,8 +493,9 @@ def test_errors_name_the_value_and_the_limit():
         model(torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match=r'token id -1 is outside'):
         model(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match=r'prompt of 5 tokens \+ 60 new tokens = 65, longer than block_size 64'):
-        model.generate(ids, 60)
+    with pytest.raises(ValueError, match=r'prompt of 5 tokens \+ 61 new tokens run 65 positions, more than block_size 64'):
+        model.generate(ids, 61)
+    model.generate(ids, 60)  # 64 positions: the last new token is never run
     with pytest.raises(ValueError, match=r'60 cached \+ 5 new tokens must be between 1 and the max_tokens of the cache 64'):
         cache = model.new_cache(1)
         model(tokens(60), cache=cache)
@@ -1105,11 +1106,11 @@ def test_sample_errors(looplm_dir, tmp_path):
         sample.main([f'--init_from={tmp_path}/nothing'])
     with pytest.raises(ValueError, match=r"--loops must be >= 1 \(or 0 for the default\), got -1"):
         sample.main([f'--init_from={looplm_dir}', '--loops=-1', '--device=cpu', '--dtype=float32'])
-    with pytest.raises(ValueError, match=r'prompt of 7 tokens \+ 40 new tokens is longer than block_size 18'):
+    with pytest.raises(ValueError, match=r'prompt of 7 tokens \+ 40 new tokens run 46 positions, more than block_size 18'):
         sample.main([f'--init_from={looplm_dir}', '--start=a=1 b=2 c=3 d=0 e=1 f=2 ?a', '--max_new_tokens=40',
                      '--device=cpu', '--dtype=float32'])
-    with pytest.raises(ValueError, match=r'prompt of 18 tokens \+ 1 new tokens is longer than block_size 18'):
-        sample.main([f'--init_from={looplm_dir}', '--start=' + 'a=1 ' * 18, '--device=cpu', '--dtype=float32'])
+    with pytest.raises(ValueError, match=r'prompt of 19 tokens \+ 1 new tokens run 19 positions, more than block_size 18'):
+        sample.main([f'--init_from={looplm_dir}', '--start=' + 'a=1 ' * 19, '--device=cpu', '--dtype=float32'])
     with pytest.raises(FileNotFoundError, match=r"start file '.*missing.txt' does not exist"):
         sample.main([f'--init_from={looplm_dir}', f'--start=FILE:{tmp_path}/missing.txt', '--device=cpu', '--dtype=float32'])
 
@@ -1157,6 +1158,10 @@ def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys):
         accs = [[by_seed[s][str(n)]['acc'] for s in by_seed] for n in ablate.EVAL_LOOPS]
         cells = ' '.join(f"{np.mean(a):.3f} ±{(max(a) - min(a)) / 2:.3f}" for a in accs)
         assert re.search(re.escape(row) + r' +' + str(len(by_seed)) + ' +' + r' +'.join(re.escape(c) for c in cells.split(' ')), out)
+    ablate.main([f'--out_dir={tmp_path}', '--replot=yes', f'--figure={tmp_path}/fig.png'])  # from results.json
+    def table(text):
+        return text[text.index('accuracy decoding'):].split('\n\n')[0]
+    assert table(capsys.readouterr().out) == table(out)  # the same table
     assert not (tmp_path / 'no_distill' / 'seed1' / 'distill').exists()
     for seed in (1, 2):
         for phase in ('transition', 'distill'):
