@@ -3,8 +3,8 @@ What a user asks of MELT against the LoopLM, as small tables:
 
 1. KV-cache memory, counted from a cache allocated on the meta device (no weights, no
    compute): bytes per token and at a context length, for loops 1, 2, 4, 8, 16; and how many
-   sequences of that length fit in 80 GB in each mode.
-2. Generation: a long prompt prefilled chunk-wise, then greedy decoding, for each mode and
+   sequences of that length fit in 80 GB for MELT and for the LoopLM.
+2. Generation: a long prompt prefilled chunk-wise, then greedy decoding, for each model (MELT, LoopLM) and
    loop count, each run in a process of its own. Peak memory of the prefill and of the
    decode (RSS on CPU, the CUDA peak on GPU) next to weights + KV, prefill seconds and decode
    ms/token (on GPU also the bandwidth limit: bytes read per token / 4.8 TB/s).
@@ -26,8 +26,9 @@ import time
 
 import torch
 
+from configurator import parse_args, run_script
 from melt import MELT, MELTConfig
-from train import parse_args, run_script
+from sample import generate
 
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
@@ -38,7 +39,7 @@ prompt_tokens = 2048
 new_tokens = 64
 prefill_chunk = 64  # MELT's chunk size for the prefill (the LoopLM prefills in one chunk)
 loops = ''  # generation's loop counts, e.g. '4' or '1,4,8'; '' = 1,4,8
-modes = 'melt,loop'  # generation's modes: melt (one gated K/V per layer), loop (the LoopLM)
+kv_sharing = 'melt,loop'  # generation's models: melt (one gated K/V per layer), loop (the LoopLM)
 train_tokens = 1024
 train_batch = 1
 threads = 0  # torch threads on CPU; 0 = torch's default
@@ -88,11 +89,11 @@ def model_shape(name):
         raise ValueError(f"{ckpt_file} is not a readable checkpoint of train.py ({type(e).__name__})") from None
 
 
-def build(shape, mode, device, dtype, seed=0):
+def build(shape, kv_sharing, device, dtype, seed=0):
     """A model of `shape` with random weights, made on `device` directly."""
     torch.manual_seed(seed)
     with torch.device(device):
-        return MELT(MELTConfig(**{**shape, 'cache': mode})).to(dtype)
+        return MELT(MELTConfig(**{**shape, 'kv_sharing': kv_sharing})).to(dtype)
 
 
 def weight_bytes(m):
@@ -104,16 +105,16 @@ def memory_table(shape, context, element):
     dtype = {2: torch.bfloat16, 4: torch.float32}[element]
     print(f"\n1. KV cache, {element}-byte elements, at {context:,} tokens (MB and GB are 10^6 and 10^9 bytes)")
     shape = {**shape, 'block_size': max(shape['block_size'], context)}
-    models = {mode: build(shape, mode, 'meta', dtype) for mode in ('melt', 'loop')}
-    weights = {mode: weight_bytes(m) for mode, m in models.items()}
-    for mode, m in models.items():
-        print(f"   weights ({'MELT' if mode == 'melt' else 'LoopLM'}): {weights[mode] / 1e9:.3f} GB")
+    models = {kv_sharing: build(shape, kv_sharing, 'meta', dtype) for kv_sharing in ('melt', 'loop')}
+    weights = {kv_sharing: weight_bytes(m) for kv_sharing, m in models.items()}
+    for kv_sharing, m in models.items():
+        print(f"   weights ({'MELT' if kv_sharing == 'melt' else 'LoopLM'}): {weights[kv_sharing] / 1e9:.3f} GB")
     print(f"   {'loops':>5} {'MELT MB/token':>14} {'LoopLM MB/token':>16} {'MELT GB':>9} {'LoopLM GB':>10} {'ratio':>6}"
           f"  {SERVING_BYTES / 1e9:.0f} GB holds, MELT / LoopLM")
     rows = []
     for n in (1, 2, 4, 8, 16):
-        held = {mode: m.new_cache(1, max_tokens=context, loops=n).nbytes for mode, m in models.items()}
-        fits = {mode: max(0, int((SERVING_BYTES - weights[mode]) // held[mode])) for mode in held}
+        held = {k: m.new_cache(1, max_tokens=context, loops=n).nbytes for k, m in models.items()}
+        fits = {k: max(0, int((SERVING_BYTES - weights[k]) // held[k])) for k in held}
         rows.append((n, held['melt'] / context, held['loop'] / context))
         print(f"   {n:>5} {held['melt'] / context / 1e6:>14.3f} {held['loop'] / context / 1e6:>16.3f} "
               f"{held['melt'] / 1e9:>9.2f} {held['loop'] / 1e9:>10.2f} {held['loop'] / held['melt']:>5.1f}x"
@@ -145,19 +146,19 @@ def cuda_graph_step(model, cache, loops):
     return step
 
 
-def measure_generate(shape, mode, loops, prompt, new, chunk, device, compiled):
+def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compiled):
     """One generation run; returns what it measured (bytes and seconds). Run in a fresh
     process: a peak belongs to the process."""
     cuda = device.startswith('cuda')
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, mode, device, dtype).eval()
+    model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, kv_sharing, device, dtype).eval()
     idx = torch.randint(0, shape['vocab_size'], (1, prompt), device=device)
     step = None
     if compiled == 'compile':
         step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
     with torch.no_grad():  # warm up kernels (and compile, for the measured cache's shapes) outside the measurement
         warm = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
-        model.generate(idx[:, :16], 4, loops=loops, top_k=1, cache=warm, decode_step=step)
+        generate(model, idx[:, :16], 4, loops=loops, top_k=1, cache=warm, decode_step=step)
         del warm
 
     def sync():
@@ -205,7 +206,7 @@ def measure_generate(shape, mode, loops, prompt, new, chunk, device, compiled):
             'cuda': cuda}
 
 
-def read_bytes_per_token(shape, mode, loops, context, weights, element):
+def read_bytes_per_token(shape, kv_sharing, loops, context, weights, element):
     """A decode step reads every layer's weights once per loop, the head once, and the KV
     cache: MELT's whole cache at every loop, the LoopLM's loop-t cache at loop t."""
     d, V = shape['n_embd'], shape['vocab_size']
@@ -223,7 +224,7 @@ def run_child(kind, *args):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def generate_table(shape, prompt, new, chunk, loop_counts, modes, device, compiled):
+def generate_table(shape, prompt, new, chunk, loop_counts, kv_sharings, device, compiled):
     cuda = device.startswith('cuda')
     where = 'peak CUDA memory allocated' if cuda else 'peak RSS grown past the process with its weights'
     print(f"\n2. Generation: {prompt:,}-token prompt (MELT prefills in chunks of {chunk}), then {new} greedy tokens; "
@@ -232,8 +233,8 @@ def generate_table(shape, prompt, new, chunk, loop_counts, modes, device, compil
           f"{'beyond W+KV':>12} {'prefill s':>10} {'decode ms/token':>16}" + ('  bandwidth limit ms' if cuda else ''))
     rows = {}
     for n in loop_counts:
-        for mode in modes:
-            r = run_child('generate', shape, mode, n, prompt, new, chunk, device, compiled)
+        for kv_sharing in kv_sharings:
+            r = run_child('generate', shape, kv_sharing, n, prompt, new, chunk, device, compiled)
             # a CUDA peak counts everything allocated, weights included; an RSS peak is taken
             # from the process with its weights loaded (torch's own libraries are not ours)
             peaks = (r['prefill_peak'], r['decode_peak']) if cuda else \
@@ -241,13 +242,13 @@ def generate_table(shape, prompt, new, chunk, loop_counts, modes, device, compil
             r['beyond'] = max(peaks) - r['kv'] - (r['weights'] if cuda else 0)
             if cuda:
                 r['ratio'] = max(peaks) / (r['weights'] + r['kv'])
-                r['limit_ms'] = 1000 * read_bytes_per_token(shape, mode, n, prompt, r['weights'], 2) / HBM_BYTES_PER_S
-            rows[n, mode] = r
-            print(f"   {n:>5} {mode:>6} {r['weights'] / 1e6:>8.1f} {r['kv'] / 1e6:>8.1f} {peaks[0] / 1e6:>13.1f} "
+                r['limit_ms'] = 1000 * read_bytes_per_token(shape, kv_sharing, n, prompt, r['weights'], 2) / HBM_BYTES_PER_S
+            rows[n, kv_sharing] = r
+            print(f"   {n:>5} {kv_sharing:>6} {r['weights'] / 1e6:>8.1f} {r['kv'] / 1e6:>8.1f} {peaks[0] / 1e6:>13.1f} "
                   f"{peaks[1] / 1e6:>12.1f} {r['beyond'] / 1e6:>12.1f} {r['prefill_s']:>10.2f} {r['decode_ms']:>16.2f}"
                   + (f"  {r['limit_ms']:>18.2f}" if cuda else ''), flush=True)
     if cuda:
-        print("   peak / (weights + KV): " + ', '.join(f"{mode} {n}: {r['ratio']:.3f}" for (n, mode), r in rows.items()))
+        print("   peak / (weights + KV): " + ', '.join(f"{kv_sharing} {n}: {r['ratio']:.3f}" for (n, kv_sharing), r in rows.items()))
     return rows
 
 
@@ -266,13 +267,13 @@ def peak_allocated(step):
     return peak
 
 
-def measure_train(shape, mode, chunk, tokens, batch, device):
+def measure_train(shape, kv_sharing, chunk, tokens, batch, device):
     """Forward + backward in a fresh process: the peak memory the first step added (RSS or
     CUDA), on CPU the peak bytes allocated by a second (peak_allocated), and the faster of
     two more steps' seconds."""
     cuda = device.startswith('cuda')
     model = build({**shape, 'block_size': max(shape['block_size'], tokens)}, 'melt', device, torch.float32)
-    model = model.as_cache(mode)
+    model = model.with_kv_sharing(kv_sharing)
     x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
     _, loss = model(x[:, :16], x[:, :16], chunk_size=min(chunk or 16, 16))  # load kernels
     loss.backward()
@@ -326,8 +327,8 @@ def train_table(shape, tokens, batch, device):
     rows = []
     configs = [('LoopLM parallel', 'loop', None)] + [(f'MELT chunk {c}', 'melt', c) for c in (16, 64, 256, tokens)
                                                       if c <= tokens]
-    for name, mode, chunk in dict.fromkeys(configs):
-        r = run_child('train', shape, mode, chunk, tokens, batch, device)
+    for name, kv_sharing, chunk in dict.fromkeys(configs):
+        r = run_child('train', shape, kv_sharing, chunk, tokens, batch, device)
         rows.append((name, r))
         first = rows[0][1]
         print(f"   {name:<16} {r['seconds'] * 1000:>9.1f} {r['seconds'] / first['seconds']:>9.2f}x "
@@ -359,8 +360,8 @@ def check(cfg):
         counts = [0]
     if min(counts) < 1:
         raise ValueError(f"--loops must be loop counts >= 1 separated by commas, e.g. 1,4,8; got {cfg['loops']!r}")
-    if not cfg['modes'] or not set(cfg['modes'].split(',')) <= {'melt', 'loop'}:
-        raise ValueError(f"--modes must be melt, loop or melt,loop; got {cfg['modes']!r}")
+    if not cfg['kv_sharing'] or not set(cfg['kv_sharing'].split(',')) <= {'melt', 'loop'}:
+        raise ValueError(f"--kv_sharing must be melt, loop or melt,loop; got {cfg['kv_sharing']!r}")
     return counts
 
 
@@ -371,7 +372,7 @@ def main(argv):
         os.environ['OMP_NUM_THREADS'] = str(cfg['threads'])
         torch.set_num_threads(cfg['threads'])
     shape = model_shape(cfg['model'])
-    shape = {k: v for k, v in shape.items() if k not in ('cache', 'chunk_size', 'gate_bias_init')}
+    shape = {k: v for k, v in shape.items() if k not in ('kv_sharing', 'chunk_size', 'gate_bias_init')}
     print(f"model {cfg['model']}: {shape['n_layer']} layers, d={shape['n_embd']}, {shape['n_kv_head']} KV heads "
           f"of {shape['n_embd'] // shape['n_head']}, trained loops {shape['n_loops']}; device {cfg['device']}")
     if cfg['only'] in ('', 'memory'):
@@ -380,7 +381,7 @@ def main(argv):
     if cfg['only'] in ('', 'generate'):
         if small:
             generate_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], cfg['prefill_chunk'], loop_counts,
-                           cfg['modes'].split(','), cfg['device'],
+                           cfg['kv_sharing'].split(','), cfg['device'],
                            'compile' if cfg['compile'] else 'cuda_graph' if cfg['cuda_graph'] else '')
         else:
             print("\n2. (generation skipped: random weights of this size are for a GPU; use --device=cuda)")

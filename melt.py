@@ -1,10 +1,13 @@
 """
 MELT, the Memory-Efficient Looped Transformer, in one file.
 
-A looped language model (LoopLM) applies the same stack of blocks T times per token. Its
-KV cache keeps one K/V per (loop, layer), so memory grows with T. MELT keeps ONE K/V per
-layer, shared by all loops and updated by a learned element-wise gate, so the cache is the
-size of a plain transformer's however many loops run.
+A looped language model (LoopLM) applies the same stack of blocks `loops` times per token.
+Its KV cache keeps one K/V per (loop, layer), so memory grows with the loops. MELT keeps ONE
+K/V per layer, shared by all loops and updated by a learned element-wise gate, so the cache
+is the size of a plain transformer's however many loops run.
+
+Shapes: B batch, T tokens (of the call, or of the chunk being run), d = n_embd, nh and nkv
+query and K/V heads, hs = head_dim. README "Reading order" says which part to read first.
 
 References:
 1) MELT: "Memory-Efficient Looped Transformer: Decoupling Compute from Memory in Looped
@@ -45,21 +48,20 @@ def rope_tables(head_dim, block_size, theta):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate-half RoPE. x: (B, nh, C, hs); cos, sin: (C, hs)."""
+def apply_rope(x, rope):
+    """Rotate-half RoPE. x: (B, nh, T, hs); rope: (cos, sin), each (T, hs)."""
+    cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 class Chunk(NamedTuple):
-    """Where one chunk of tokens sits while its loops run: the rotations, mask and rows of
+    """Where one chunk of T tokens sits while its loops run: the rotations, mask and rows of
     its tokens, how many cached rows it sees, the cache it reads and writes, and alpha."""
-    cos: torch.Tensor  # (C, hs)
-    sin: torch.Tensor
-    mask: Optional[torch.Tensor]  # (C, n_seen), True where a query may see a key; None: sees all
+    rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs)
+    mask: Optional[torch.Tensor]  # (T, n_seen), True where a query may see a key; None: sees all
     is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
-    pos: torch.Tensor  # (C,) the chunk's positions
-    rows: object  # its rows in the cache: slice(start, start + C), or pos itself in decode_step
+    rows: object  # its rows in the cache: slice(start, start + T), or pos itself in decode_step
     n_seen: int  # cached rows the chunk attends to, its own included
     cache: object  # a KVCache (inference) or a ChunkMemory (a forward without a cache)
     alpha: float
@@ -69,13 +71,14 @@ class KVCache:
     """The keys and values kept between calls, in buffers allocated once; their shapes are
     the memory story:
 
-        MELT    k, v            (n_layer, B, n_kv_head, max_tokens, hs)          no loop axis
-        LoopLM  k_loop, v_loop  (loops, n_layer, B, n_kv_head, max_tokens, hs)
+        MELT    k, v            (n_layer, B, nkv, max_tokens, hs)          no loop axis
+        LoopLM  k_loop, v_loop  (loops, n_layer, B, nkv, max_tokens, hs)
 
-    A phase-1 cache (0 < alpha < 1) holds both. The rule, at every (loop, layer): a chunk
-    writes its K/V into its own rows, then attends to rows [0, its last row]. MELT writes the
-    same rows at every loop, so once the chunk's last loop is done they hold its final K/V;
-    commit() then moves `length` past them. Nothing is ever concatenated or reallocated."""
+    The rule, in two lines (ChunkMemory keeps the same one for training):
+      at each (loop, layer) a chunk writes its K/V into its own rows, then attends to rows [0, its last row];
+      at the end of the chunk, commit() moves `length` past its rows, which now hold its final K/V.
+    MELT writes the same rows at every loop; the LoopLM a row per loop. A phase-1 cache
+    (0 < alpha < 1) holds both. Nothing is ever concatenated or reallocated."""
 
     def __init__(self, config, batch_size, max_tokens, loops, alpha, device=None, dtype=None):
         self.batch_size, self.max_tokens, self.loops, self.alpha = batch_size, max_tokens, loops, alpha
@@ -95,17 +98,14 @@ class KVCache:
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
-    def write_melt(self, layer, k, v, chunk):
-        """MELT: the chunk's latest gated K/V (B, n_kv_head, C, hs) overwrite its rows."""
-        self.k[layer][:, :, chunk.rows] = k
-        self.v[layer][:, :, chunk.rows] = v
-        return [self.k[layer][:, :, :chunk.n_seen]], [self.v[layer][:, :, :chunk.n_seen]]
-
-    def write_loop(self, loop, layer, k, v, chunk):
-        """LoopLM: at loop t the chunk writes its loop-t K/V and sees every token's loop-t K/V."""
-        self.k_loop[loop, layer][:, :, chunk.rows] = k
-        self.v_loop[loop, layer][:, :, chunk.rows] = v
-        return [self.k_loop[loop, layer][:, :, :chunk.n_seen]], [self.v_loop[loop, layer][:, :, :chunk.n_seen]]
+    def write(self, layer, k, v, chunk, loop=None):
+        """The chunk's K/V (B, nkv, T, hs) into its rows: MELT's (loop=None; the latest gated
+        K/V overwrite the last loop's) or the LoopLM's of that loop. Returns what the chunk
+        attends to, rows [0, its last row], as ([keys], [values])."""
+        keys, values = (self.k, self.v) if loop is None else (self.k_loop[loop], self.v_loop[loop])
+        keys[layer][:, :, chunk.rows] = k
+        values[layer][:, :, chunk.rows] = v
+        return [keys[layer][:, :, :chunk.n_seen]], [values[layer][:, :, :chunk.n_seen]]
 
     def commit(self, n_tokens, loops_run):
         """End of a chunk: its rows now hold final K/V. A LoopLM token that exited early
@@ -135,31 +135,26 @@ class ChunkMemory:
         self.v_loop = [[[] for _ in range(n_layer)] for _ in range(loops)] if alpha < 1 else None
         self.pending = [None] * n_layer  # the current chunk's latest gated K/V, per layer
 
-    def write_melt(self, layer, k, v, chunk):
-        self.pending[layer] = (k, v)
-        return self.k[layer] + [k], self.v[layer] + [v]
-
-    def write_loop(self, loop, layer, k, v, chunk):
+    def write(self, layer, k, v, chunk, loop=None):
+        """As KVCache.write; MELT's K/V join the kept pieces at commit(), the LoopLM's at once."""
+        if loop is None:
+            self.pending[layer] = (k, v)
+            return self.k[layer] + [k], self.v[layer] + [v]
         self.k_loop[loop][layer].append(k)
         self.v_loop[loop][layer].append(v)
         return list(self.k_loop[loop][layer]), list(self.v_loop[loop][layer])
 
-    def commit(self, n_tokens, loops_run):
+    def commit(self, n_tokens, loops_run):  # Q-exit is for a KVCache: every loop has run here
         if self.k is not None:
             for layer, (k, v) in enumerate(self.pending):
                 self.k[layer].append(k)
                 self.v[layer].append(v)
-        if self.k_loop is not None:  # Q-exit: as in KVCache.commit
-            for t in range(loops_run, self.loops):
-                for layer in range(len(self.pending)):
-                    self.k_loop[t][layer].append(self.k_loop[loops_run - 1][layer][-1])
-                    self.v_loop[t][layer].append(self.v_loop[loops_run - 1][layer][-1])
         self.length += n_tokens
         self.loops_run.append(loops_run)
 
 
 def attend(q, kv_melt, kv_loop, alpha, mask, is_causal, group):
-    """Attention of q (B, nh, C, hs) over what the cache returned: (keys, values), each a list
+    """Attention of q (B, nh, T, hs) over what the cache returned: (keys, values), each a list
     of pieces along the token axis, for MELT and/or the LoopLM. At 0 < alpha < 1 (phase 1)
     K/V = alpha * KV_MELT + (1 - alpha) * KV_LoopLM, past tokens included."""
     def join(pieces):
@@ -200,6 +195,7 @@ class KVGate(nn.Module):
             self.b_z = nn.Parameter(torch.zeros(width))
 
     def forward(self, x, h_prev, loop):
+        """x (B, T, d): this loop's attention input; h_prev: the latent of the loop before."""
         if self.kind in ('element', 'scalar'):
             z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev) + self.b_z)
         else:  # loop is 0-based: h_prev holds loops 1..loop
@@ -217,32 +213,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
-        self.kv_gate = KVGate(config.n_embd, config.gate, config.ema_z) if config.cache == 'melt' else None
+        self.kv_gate = KVGate(config.n_embd, config.gate, config.ema_z) if config.kv_sharing == 'melt' else None
 
     def project_kv(self, h, chunk):
-        B, C, _ = h.shape
-        k = self.k_proj(h).view(B, C, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, C, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rope(k, chunk.cos, chunk.sin), v  # (B, nkv, C, hs)
+        B, T, _ = h.shape
+        k = self.k_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return apply_rope(k, chunk.rope), v  # (B, nkv, T, hs)
 
-    def forward(self, x, h_prev, loop, chunk):
-        """x: this layer's normed attention input (B, C, d); h_prev: the gated latent of the
-        previous loop (None at loop 1). Returns the attention output and the new latent."""
-        B, C, _ = x.shape
-        q = self.q_proj(x).view(B, C, self.n_head, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, chunk.cos, chunk.sin)  # (B, nh, C, hs): the query always comes from x
-        h = kv_melt = kv_loop = None
+    def forward(self, x, h, loop, chunk):
+        """x: this layer's normed attention input (B, T, d); h: MELT's latent, the gated
+        attention input of the loop before (None at loop 1). Returns the attention output
+        and this loop's latent."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, chunk.rope)  # (B, nh, T, hs): the query always comes from x
+        kv_melt = kv_loop = None
         if chunk.alpha > 0:  # MELT: keys and values from the gated latent h (h^1 = x^1, a guess)
-            h = x if h_prev is None else self.kv_gate(x, h_prev, loop)
-            kv_melt = chunk.cache.write_melt(self.layer, *self.project_kv(h, chunk), chunk)
+            h = x if h is None else self.kv_gate(x, h, loop)
+            kv_melt = chunk.cache.write(self.layer, *self.project_kv(h, chunk), chunk)
         if chunk.alpha < 1:  # LoopLM: keys and values from x, one cache per loop
-            kv_loop = chunk.cache.write_loop(loop, self.layer, *self.project_kv(x, chunk), chunk)
+            kv_loop = chunk.cache.write(self.layer, *self.project_kv(x, chunk), chunk, loop)
         args = (q, kv_melt, kv_loop, chunk.alpha, chunk.mask, chunk.is_causal, self.n_head // self.n_kv_head)
         if torch.is_grad_enabled() and chunk.cache.length > 0:  # training past the first chunk
             y = checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
         else:
             y = attend(*args)
-        y = y.transpose(1, 2).reshape(B, C, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y), h
 
 
@@ -271,12 +268,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.mlp_norm_out = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x, h_gate, loop, chunk):
-        a, h_gate = self.attn(self.attn_norm_in(x), h_gate, loop, chunk)
+    def forward(self, x, h, loop, chunk):
+        a, h = self.attn(self.attn_norm_in(x), h, loop, chunk)
         attn_out = self.attn_norm_out(a)  # what phase 2 aligns: the sublayer's output (a guess)
         x = x + attn_out
         x = x + self.mlp_norm_out(self.mlp(self.mlp_norm_in(x)))
-        return x, h_gate, attn_out
+        return x, h, attn_out
 
 
 @dataclass
@@ -291,7 +288,7 @@ class MELTConfig:
     n_loops: int = 4  # default loop count; any count >= 1 may be asked per call
     rope_theta: float = 1e6
     norm_eps: float = 1e-6
-    cache: str = 'melt'  # 'melt' (one gated K/V per layer) or 'loop' (LoopLM: one per loop)
+    kv_sharing: str = 'melt'  # 'melt': the loops share one gated K/V per layer; 'loop': one per loop (LoopLM)
     chunk_size: int = 64  # MELT's chunk-wise forward; 1 = exact sequential decoding
     gate: str = 'element'  # how MELT's shared K/V mix the loops: one of GATES (KVGate)
     ema_z: float = 0.5  # z of gate='ema'
@@ -299,8 +296,8 @@ class MELTConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if self.cache not in ('melt', 'loop'):
-            raise ValueError(f"cache must be 'melt' or 'loop', got {self.cache!r}")
+        if self.kv_sharing not in ('melt', 'loop'):
+            raise ValueError(f"kv_sharing must be 'melt' or 'loop', got {self.kv_sharing!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if not 0 <= self.ema_z <= 1:
@@ -319,17 +316,13 @@ class MELTConfig:
     def kv_bytes_per_token(self, loops=None, bytes_per_element=2):
         """2 (K and V) * layers * kv heads * head_dim * bytes, times loops for the LoopLM."""
         per_layer = 2 * self.n_kv_head * self.head_dim * bytes_per_element
-        return per_layer * self.n_layer * (1 if self.cache == 'melt' else (loops or self.n_loops))
+        return per_layer * self.n_layer * (1 if self.kv_sharing == 'melt' else (loops or self.n_loops))
 
 
-def exit_distribution(exit_logits):
-    """Ouro's exit distribution over loops from the per-loop gate logits (..., L):
-    p_t = lambda_t * prod_{j<t}(1 - lambda_j) for t < L, and p_L = prod_{j<L}(1 - lambda_j)."""
-    lam = torch.sigmoid(exit_logits.float())
-    survive = torch.cumprod(1 - lam, dim=-1)  # probability of still looping after loop t
-    survive_before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
-    lam = torch.cat([lam[..., :-1], torch.ones_like(lam[..., -1:])], dim=-1)  # last loop takes the rest
-    return lam * survive_before
+def still_looping(exit_logits):
+    """prod_{j<=t}(1 - lambda_j) for every loop t of the per-loop exit logits (..., loops):
+    the probability that a token loops on after loop t (lambda = sigmoid of the exit logit)."""
+    return torch.cumprod(1 - torch.sigmoid(exit_logits.float()), dim=-1)
 
 
 class MELT(nn.Module):
@@ -363,33 +356,15 @@ class MELT(nn.Module):
             gate.u_z.weight.zero_()
             gate.b_z.fill_(self.config.gate_bias_init)
 
-    @classmethod
-    def from_ouro(cls, path, cache='melt', dtype=None, **overrides):
-        """Load a HuggingFace Ouro folder (or one written by save_pretrained): cache='loop' is
-        exactly Ouro, cache='melt' adds new gates (reset_gates), cache=None takes what the
-        folder was saved as. Keeps the checkpoint's dtype unless `dtype` says otherwise."""
-        from ouro import load_ouro  # Ouro's file formats live in ouro.py
-        return load_ouro(cls, path, cache, dtype, **overrides)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, **overrides):
-        """Read back what save_pretrained wrote, MELT or LoopLM as it was saved."""
-        return cls.from_ouro(path, cache=None, dtype=dtype, **overrides)
-
-    def save_pretrained(self, path):
-        """config.json + model.safetensors in Ouro's naming, gates under ...self_attn.kv_gate.*"""
-        from ouro import save_ouro
-        save_ouro(self, path)
-
-    def as_cache(self, cache):
+    def with_kv_sharing(self, kv_sharing):
         """The same base weights as a 'melt' or 'loop' model: a LoopLM becomes MELT with new
         gates (reset_gates), a MELT model becomes the LoopLM without its gates."""
-        if cache == self.config.cache:
+        if kv_sharing == self.config.kv_sharing:
             return self
-        config = MELTConfig(**{**self.config.__dict__, 'cache': cache})
+        config = MELTConfig(**{**self.config.__dict__, 'kv_sharing': kv_sharing})
         model = MELT(config).to(self.lm_head.weight.device, self.lm_head.weight.dtype)
         base = {k: v for k, v in self.state_dict().items() if '.kv_gate.' not in k}
-        model.load_state_dict(base, strict=cache == 'loop')  # 'melt': the gates keep reset_gates' init
+        model.load_state_dict(base, strict=kv_sharing == 'loop')  # 'melt': the gates keep reset_gates' init
         return model
 
     def gate_modules(self):
@@ -417,18 +392,20 @@ class MELT(nn.Module):
         return loops
 
     def _check_alpha(self, alpha):
-        if self.config.cache == 'loop':
+        if self.config.kv_sharing == 'loop':
             if alpha not in (None, 0):
-                raise ValueError(f"alpha is for cache='melt' models; a LoopLM has alpha 0, got {alpha}")
+                raise ValueError(f"alpha is for kv_sharing='melt' models; a LoopLM has alpha 0, got {alpha}")
             return 0.0
         alpha = 1.0 if alpha is None else float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         return alpha
 
-    def _check_call(self, idx, loops, chunk_size, alpha, cache):
+    def _check_call(self, idx, loops, chunk_size, alpha, cache, return_aux, exit_threshold):
         """The arguments of forward, checked; returns (loops, alpha, chunk_size, cache)."""
         B, T = idx.shape
+        if exit_threshold is not None and (return_aux or not isinstance(cache, KVCache)):
+            raise ValueError("exit_threshold (Q-exit) is for decoding into a KVCache, without return_aux")
         loops = self._check_loops(loops)
         if cache is None:  # lives for this call only
             alpha = self._check_alpha(alpha)
@@ -463,9 +440,8 @@ class MELT(nn.Module):
         Returns (logits of the last loop run (B, T, V), or (B, 1, V) with last_only, loss);
         with return_aux also a dict with 'logits' and 'exit_logits' of every loop and
         'attn' = [loop][layer] attention outputs (for training: kept for every token)."""
-        loops, alpha, chunk_size, cache = self._check_call(idx, loops, chunk_size, alpha, cache)
-        if return_aux and exit_threshold is not None:
-            raise ValueError("exit_threshold (Q-exit) is for inference; return_aux needs every loop")
+        loops, alpha, chunk_size, cache = self._check_call(idx, loops, chunk_size, alpha, cache, return_aux,
+                                                           exit_threshold)
         aux = {'states': [[] for _ in range(loops)],
                'attn': [[[] for _ in self.layers] for _ in range(loops)]} if return_aux else None
         outputs = []  # the last loop's normed state of each chunk
@@ -490,35 +466,35 @@ class MELT(nn.Module):
         }
 
     def _run_chunk(self, x, cache, loops, alpha, exit_threshold=None, aux=None, pos=None):
-        """All loops of one chunk x (B, C, d). Returns the last loop's normed state and the
+        """All loops of one chunk x (B, T, d). Returns the last loop's normed state and the
         number of loops run; keeps nothing of earlier loops unless `aux` collects them. With
         exit_threshold q the chunk stops at the first loop where every token's cumulative
         exit probability reaches q (Ouro's Q-exit). `pos` (decode_step) fixes the shapes:
         the chunk then attends to the whole buffer through a mask."""
-        B, C, _ = x.shape
+        T = x.size(1)
         static = pos is not None
         if not static:
-            pos = torch.arange(cache.length, cache.length + C, device=x.device)
-        n_seen = cache.max_tokens if static else cache.length + C
-        is_causal = C > 1 and n_seen == C  # the chunk sees only itself
+            pos = torch.arange(cache.length, cache.length + T, device=x.device)
+        n_seen = cache.max_tokens if static else cache.length + T
+        is_causal = T > 1 and n_seen == T  # the chunk sees only itself
         mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
-        if (C > 1 or static) and not is_causal:
+        if (T > 1 or static) and not is_causal:
             mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
-        rows = pos if static else slice(cache.length, cache.length + C)
-        chunk = Chunk(self.rope_cos[pos], self.rope_sin[pos], mask, is_causal, pos, rows, n_seen, cache, alpha)
-        h_gates = [None] * self.config.n_layer  # per layer: the gated latent h^(t-1)
-        still_looping = torch.ones(B, C, device=x.device)  # prod (1 - lambda) so far
+        rows = pos if static else slice(cache.length, cache.length + T)
+        chunk = Chunk((self.rope_cos[pos], self.rope_sin[pos]), mask, is_causal, rows, n_seen, cache, alpha)
+        h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
+        exit_logits = []  # Q-exit: every loop's, (B, T, 1)
         for loop in range(loops):
             for layer, block in enumerate(self.layers):
-                x, h_gates[layer], attn_out = block(x, h_gates[layer], loop, chunk)
+                x, h[layer], attn_out = block(x, h[layer], loop, chunk)
                 if aux is not None:
                     aux['attn'][loop][layer].append(attn_out)
             x = self.norm(x)  # the final norm after every loop feeds the next loop
             if aux is not None:
                 aux['states'][loop].append(x)
-            if exit_threshold is not None and loop < loops - 1:
-                still_looping = still_looping * (1 - torch.sigmoid(self.exit_gate(x).float()[..., 0]))
-                if bool((1 - still_looping >= exit_threshold).all()):
+            if exit_threshold is not None and loop < loops - 1:  # stop once every token's exit CDF reaches q
+                exit_logits.append(self.exit_gate(x))
+                if bool((1 - still_looping(torch.cat(exit_logits, dim=-1))[..., -1] >= exit_threshold).all()):
                     break
         return x, loop + 1
 
@@ -528,66 +504,3 @@ class MELT(nn.Module):
         decode_one_token). Returns logits (B, 1, V); the caller commits the token."""
         x, _ = self._run_chunk(self.embed_tokens(idx), cache, loops, cache.alpha, pos=pos)
         return self.lm_head(x)
-
-    def configure_optimizers(self, weight_decay, learning_rate, gate_lr, betas, device_type):
-        """AdamW with three groups: base matrices (decayed), base vectors, and the MELT gates
-        (their own, larger learning rate: the paper used 8e-6 base vs 5e-4 gate)."""
-        gate_ids = {id(p) for g in self.gate_modules() for p in g.parameters()}
-        base = [p for p in self.parameters() if p.requires_grad and id(p) not in gate_ids]
-        groups = [
-            {'params': [p for p in base if p.dim() >= 2], 'weight_decay': weight_decay, 'lr': learning_rate},
-            {'params': [p for p in base if p.dim() < 2], 'weight_decay': 0.0, 'lr': learning_rate},
-            {'params': [p for g in self.gate_modules() for p in g.parameters() if p.requires_grad],
-             'weight_decay': 0.0, 'lr': gate_lr},
-        ]
-        groups = [g for g in groups if g['params']]
-        for g in groups:
-            g['base_lr'] = g['lr']  # train.py scales every group by its schedule from here
-        fused = device_type == 'cuda'
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
-                 chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None, decode_step=None):
-        """Prefill the prompt chunk-wise into a cache, then decode one token at a time.
-        top_k=1 is greedy. The cache is sized to prompt + new tokens - 1 (the last token is
-        never run); pass your own empty one to read cache.nbytes and cache.loops_run
-        afterwards. decode_step: a compiled model.decode_step (sample.py --compile) instead
-        of the eager forward. Returns idx (B, T + new tokens)."""
-        B, T = idx.shape
-        if T + max(max_new_tokens, 1) - 1 > self.config.block_size:  # the last new token is never run
-            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens run {T + max_new_tokens - 1} "
-                             f"positions, more than block_size {self.config.block_size}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
-        if exit_threshold is not None and not 0 < exit_threshold <= 1:
-            raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
-        if exit_threshold is not None and (B != 1 or decode_step is not None):
-            raise ValueError(f"exit_threshold decides per token, in the eager decode, and needs batch size 1, got {B}")
-        loops = self._check_loops(loops)
-        needed = T + max(max_new_tokens, 1) - 1  # the last new token is never run through the model
-        cache = self.new_cache(B, needed, loops) if cache is None else cache
-        if cache.length:
-            raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
-        if cache.max_tokens < needed:
-            raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call needs {needed}")
-        if decode_step is not None:  # the compiled step writes into these buffers in place
-            for buf in cache.buffers():
-                torch._dynamo.mark_static_address(buf)
-        logits, _ = self(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
-        for step in range(max_new_tokens):
-            logits = logits[:, -1, :].float() / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if step == max_new_tokens - 1 or (B == 1 and idx_next.item() in stop_tokens):
-                break  # nothing more to predict: don't run the model on the last token
-            if decode_step is None:
-                logits, _ = self(idx_next, loops=loops, cache=cache, exit_threshold=exit_threshold)
-            else:
-                pos = torch.tensor([cache.length], device=idx.device)
-                logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: CUDA graphs reuse outputs
-                cache.commit(1, loops)
-        return idx

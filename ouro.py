@@ -2,8 +2,7 @@
 Ouro's file formats: the HuggingFace checkpoint folder (config.json + safetensors weights)
 in and out of a MELT model, and the Ouro tokenizer (SmolLM2's byte-level BPE, read from
 tokenizer.json) as a tiktoken.Encoding, plus Ouro's ChatML chat format.
-melt.py's MELT.from_ouro / from_pretrained / save_pretrained call in here.
-No `tokenizers` import here.
+load_ouro and save_ouro convert; melt.py knows nothing of files. No `tokenizers` import here.
 """
 import json
 import os
@@ -13,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from melt import MELTConfig, rope_tables
+from melt import MELT, MELTConfig, rope_tables
 
 # Ouro's HuggingFace names differ from ours in a few module names; everything else is the same.
 OURO_MODULE_NAMES = {
@@ -67,7 +66,7 @@ def read_ouro_config(path):
     if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
         raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
                          f"!= hidden_size {hf['hidden_size']}, which this model needs")
-    fields.update(hf.get('melt', {}))  # our export adds cache, chunk_size, gate...; Ouro ignores it
+    fields.update(hf.get('melt', {}))  # save_ouro adds kv_sharing, chunk_size, gate...; Ouro ignores it
     return fields
 
 
@@ -97,15 +96,17 @@ def ouro_tensor_files(path):
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
 
 
-def load_ouro(cls, path, cache='melt', dtype=None, **overrides):
-    """MELT.from_ouro: a `cls` model from an Ouro folder. Tensors are read one by one from the
-    memory-mapped files into a model built on the meta device, so the weights are never
-    held twice. Gates absent from the folder are new (reset_gates' init)."""
+def load_ouro(path, kv_sharing='melt', dtype=None, **overrides):
+    """A MELT model from a HuggingFace Ouro folder, or from one save_ouro wrote:
+    kv_sharing='loop' is exactly Ouro, 'melt' adds new gates (reset_gates' init), None takes
+    what the folder was saved as. Tensors are read one by one from the memory-mapped files
+    into a model built on the meta device, so the weights are never held twice. Keeps the
+    checkpoint's dtype unless `dtype` says otherwise; `overrides` are MELTConfig fields."""
     fields = read_ouro_config(path)
-    fields.update(cache=cache or fields.get('cache', 'loop'), **overrides)
+    fields.update(kv_sharing=kv_sharing or fields.get('kv_sharing', 'loop'), **overrides)
     config = MELTConfig(**fields)
     with torch.device('meta'):
-        model = cls(config)
+        model = MELT(config)
     expected = {ouro_name(k): (k, p.shape) for k, p in model.state_dict().items()}
     state = {}
     for file in ouro_tensor_files(path):
@@ -116,7 +117,7 @@ def load_ouro(cls, path, cache='melt', dtype=None, **overrides):
         with reader as f:
             for name in f.keys():
                 if name not in expected:
-                    raise ValueError(f"unexpected tensor {name} in {file} for cache={config.cache!r}")
+                    raise ValueError(f"unexpected tensor {name} in {file} for kv_sharing={config.kv_sharing!r}")
                 ours, shape = expected[name]
                 tensor = f.get_tensor(name)
                 if tensor.shape != shape:
@@ -155,7 +156,7 @@ def save_ouro(model, path):
     hf.update(model_type='ouro', architectures=['OuroForCausalLM'], head_dim=c.head_dim,
               hidden_act='silu', tie_word_embeddings=False, early_exit_threshold=1.0,
               torch_dtype=str(model.lm_head.weight.dtype).removeprefix('torch.'))
-    hf['melt'] = {'cache': c.cache, 'chunk_size': c.chunk_size, 'gate': c.gate, 'ema_z': c.ema_z,
+    hf['melt'] = {'kv_sharing': c.kv_sharing, 'chunk_size': c.chunk_size, 'gate': c.gate, 'ema_z': c.ema_z,
                   'gate_bias_init': c.gate_bias_init}
     tensors = {ouro_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(path, 'model.safetensors.tmp'), metadata={'format': 'pt'})

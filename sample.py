@@ -3,7 +3,7 @@ Sample from a trained model and show what its KV cache holds.
 
 $ python sample.py                                  out/distill (the main job's MELT model)
 $ python sample.py --loops 8                        any loop count, e.g. 8 on a model trained with 4
-$ python sample.py --cache loop                     the same weights with the LoopLM's cache, to compare
+$ python sample.py --kv_sharing loop                the same weights with the LoopLM's cache, to compare
 $ python sample.py --init_from=ouro:/path/to/Ouro-1.4B-Thinking --chat --thinking --start "What is 17*23?"
 $ python sample.py --exit_threshold 0.9             Ouro's Q-exit: a token stops looping early
 $ python sample.py --compile                        a compiled decode step (slow to compile; for long runs)
@@ -13,9 +13,11 @@ Options as --key=value or --key value.
 import os
 
 import torch
+from torch.nn import functional as F
 
-from melt import MELT
-from train import DTYPES, Data, check_device, load_checkpoint, parse_args, reason_task, run_script
+from configurator import DTYPES, check_choice, check_device, parse_args, run_script
+from data.reason import prepare as reason
+from train import Data, load_checkpoint
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
@@ -28,7 +30,7 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 loops = 0  # 0: the model's own n_loops
-cache = ''  # 'melt' | 'loop'; empty: as saved ('melt' for ouro:PATH)
+kv_sharing = ''  # 'melt' | 'loop'; empty: as saved ('melt' for ouro:PATH)
 chunk_size = 0  # MELT's prefill chunk size; 0: the model's own
 chat = False  # wrap the prompt in Ouro's ChatML (ouro:PATH)
 thinking = False  # with --chat: '<think>\n' after the assistant header, for -Thinking models
@@ -38,22 +40,51 @@ compile = False  # decode with torch.compile(model.decode_step): static shapes, 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 
-class WordCodec:
-    """The reasoning task's words ("a=b", "?a", "3"), separated by spaces; newline is a word."""
-
-    def __init__(self, meta):
-        self.itos, self.stoi = meta['itos'], meta['stoi']
-        self.n_vocab, self.stop = len(self.itos), set()
-
-    def encode(self, text):
-        words = [w for w in text.replace('\n', ' \n ').split(' ') if w]
-        unknown = [w for w in words if w not in self.stoi]
-        if unknown:
-            raise ValueError(f"{unknown[0]!r} is not a word of the reasoning task (e.g. 'a=b', 'c=3', '?a')")
-        return [self.stoi[w] for w in words]
-
-    def decode(self, ids):
-        return ' '.join(self.itos[i] for i in ids).replace(' \n ', '\n').replace('\n ', '\n')
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
+             chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None, decode_step=None):
+    """Prefill the prompt chunk-wise into a cache, then decode one token at a time.
+    top_k=1 is greedy. The cache is sized to prompt + new tokens - 1 (the last token is
+    never run); pass your own empty one to read cache.nbytes and cache.loops_run
+    afterwards. decode_step: a compiled model.decode_step (sample.py --compile) instead
+    of the eager forward. Returns idx (B, T + new tokens)."""
+    B, T = idx.shape
+    if T + max(max_new_tokens, 1) - 1 > model.config.block_size:  # the last new token is never run
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens run {T + max_new_tokens - 1} "
+                         f"positions, more than block_size {model.config.block_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
+    if exit_threshold is not None and not 0 < exit_threshold <= 1:
+        raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
+    if exit_threshold is not None and (B != 1 or decode_step is not None):
+        raise ValueError(f"exit_threshold decides per token, in the eager decode, and needs batch size 1, got {B}")
+    loops = model.config.n_loops if loops is None else loops
+    needed = T + max(max_new_tokens, 1) - 1  # the last new token is never run through the model
+    cache = model.new_cache(B, needed, loops) if cache is None else cache
+    if cache.length:
+        raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
+    if cache.max_tokens < needed:
+        raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call needs {needed}")
+    if decode_step is not None:  # the compiled step writes into these buffers in place
+        for buf in cache.buffers():
+            torch._dynamo.mark_static_address(buf)
+    logits, _ = model(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
+    for step in range(max_new_tokens):
+        logits = logits[:, -1, :].float() / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float('inf')
+        idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        idx = torch.cat((idx, idx_next), dim=1)
+        if step == max_new_tokens - 1 or (B == 1 and idx_next.item() in stop_tokens):
+            break  # nothing more to predict: don't run the model on the last token
+        if decode_step is None:
+            logits, _ = model(idx_next, loops=loops, cache=cache, exit_threshold=exit_threshold)
+        else:
+            pos = torch.tensor([cache.length], device=idx.device)
+            logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: CUDA graphs reuse outputs
+            cache.commit(1, loops)
+    return idx
 
 
 class TiktokenCodec:
@@ -68,21 +99,21 @@ class TiktokenCodec:
 
 
 def load(cfg):
-    """(model, codec) for --init_from, with the cache kind --cache asks for."""
+    """(model, codec) for --init_from, with the K/V sharing --kv_sharing asks for."""
     source = cfg['init_from']
     if source.startswith('ouro:'):
-        from ouro import ouro_tokenizer, stop_ids
+        from ouro import load_ouro, ouro_tokenizer, stop_ids
         path = source.removeprefix('ouro:')
-        model = MELT.from_ouro(path, cache=cfg['cache'] or 'melt')
+        model = load_ouro(path, kv_sharing=cfg['kv_sharing'] or 'melt')
         enc = ouro_tokenizer(path)
         return model, TiktokenCodec(enc, stop_ids(enc))
     if not os.path.isdir(source):
         raise FileNotFoundError(f"no checkpoint folder {source!r}: run python train.py first, or pass --init_from")
     model, ckpt = load_checkpoint(source, 'cpu')
-    model = model.as_cache(cfg['cache'] or model.config.cache)
+    model = model.with_kv_sharing(cfg['kv_sharing'] or model.config.kv_sharing)
     meta = Data(ckpt['config']['dataset'], model.config.block_size, 'cpu').meta  # the training data's tokenizer
-    if 'itos' in meta:
-        return model, WordCodec(meta)
+    if meta.get('tokenizer') == 'reason':
+        return model, reason.WordCodec()
     if meta['tokenizer'] == 'gpt2':
         import tiktoken
         return model, TiktokenCodec(tiktoken.get_encoding('gpt2'))
@@ -118,10 +149,8 @@ def check(cfg):
         raise ValueError(f"--temperature must be > 0 (--top_k=1 is greedy), got {cfg['temperature']}")
     if not 0 <= cfg['exit_threshold'] <= 1:
         raise ValueError(f"--exit_threshold must be in (0, 1] (or 0 for every loop), got {cfg['exit_threshold']}")
-    if cfg['cache'] not in ('', 'melt', 'loop'):
-        raise ValueError(f"--cache must be 'melt' or 'loop', got {cfg['cache']!r}")
-    if cfg['dtype'] not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    check_choice('kv_sharing', cfg['kv_sharing'] or 'melt', ('melt', 'loop'))  # '' keeps the model's
+    check_choice('dtype', cfg['dtype'], DTYPES)
     if (cfg['chat'] or cfg['thinking']) and not cfg['init_from'].startswith('ouro:'):
         raise ValueError("--chat and --thinking use Ouro's chat format: they need --init_from=ouro:PATH")
     check_device(cfg['device'])
@@ -137,10 +166,10 @@ def main(argv):
                          f"{model.config.vocab_size}: sampled ids past {codec.n_vocab - 1} could not be decoded")
     model.to(cfg['device'], DTYPES[cfg['dtype']]).eval()
     loops = cfg['loops'] or model.config.n_loops
-    if isinstance(codec, WordCodec) and cfg['start'] == DEFAULTS['start']:
+    if isinstance(codec, reason.WordCodec) and cfg['start'] == DEFAULTS['start']:
         # the reasoning task's model only answers queries: pose held-out problems instead
-        prompts, answers, hops = reason_task().eval_problems(cfg['num_samples'], seed=cfg['seed'])
-        prompts = [(p.tolist(), f"  (expected {codec.itos[a]}, {h} hops)") for p, a, h in zip(prompts, answers, hops)]
+        prompts, answers, hops = reason.eval_problems(cfg['num_samples'], seed=cfg['seed'])
+        prompts = [(p.tolist(), f"  (expected {reason.WORDS[a]}, {h} hops)") for p, a, h in zip(prompts, answers, hops)]
         new_tokens = 1
     else:
         ids = codec.encode(read_prompt(cfg))
@@ -158,29 +187,29 @@ def main(argv):
         if len(ids) + max(new_tokens, 1) - 1 > model.config.block_size:  # the last new token is not run
             raise ValueError(f"prompt of {len(ids)} tokens + {max(new_tokens, 1)} new tokens run "
                              f"{len(ids) + max(new_tokens, 1) - 1} positions, more than block_size {model.config.block_size}")
-        kv = model.new_cache(1, max_tokens=len(ids) + max(new_tokens, 1) - 1, loops=loops)  # the last token is not run
-        y = model.generate(torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
+        cache = model.new_cache(1, max_tokens=len(ids) + max(new_tokens, 1) - 1, loops=loops)  # the last token is not run
+        y = generate(model, torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                            chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,
-                           stop_tokens=codec.stop, cache=kv, decode_step=step)
+                           stop_tokens=codec.stop, cache=cache, decode_step=step)
         print(codec.decode(y[0].tolist()) + note)
         print('---------------')
-    print(memory_line(model, kv, loops))
-    decode_steps = kv.length - len(ids)  # one chunk per decoded token, after the prefill's chunks
-    decoded = kv.loops_run[len(kv.loops_run) - decode_steps:] if decode_steps else []
+    print(memory_line(model, cache, loops))
+    decode_steps = cache.length - len(ids)  # one chunk per decoded token, after the prefill's chunks
+    decoded = cache.loops_run[len(cache.loops_run) - decode_steps:] if decode_steps else []
     if cfg['exit_threshold'] and decoded:
         print(f"Q-exit at q={cfg['exit_threshold']}: {sum(decoded) / len(decoded):.2f} loops per decoded token "
               f"(of {loops})")
-    return kv
+    return cache
 
 
-def memory_line(model, kv, loops):
+def memory_line(model, cache, loops):
     """Bytes the cache holds, and what the LoopLM's cache would hold for the same tokens."""
-    melt = model.config.cache == 'melt'
-    per_token = model.config.kv_bytes_per_token(loops, kv.buffers()[0].element_size())
-    looplm = per_token * (loops if melt else 1) * kv.max_tokens
-    return (f"KV cache ({'MELT' if melt else 'LoopLM'}): {kv.nbytes:,} bytes for {kv.max_tokens} tokens at {loops} "
-            f"loops; a LoopLM cache would hold {looplm:,} bytes ({looplm / kv.nbytes:.1f}x)")
+    melt = model.config.kv_sharing == 'melt'
+    per_token = model.config.kv_bytes_per_token(loops, cache.buffers()[0].element_size())
+    looplm = per_token * (loops if melt else 1) * cache.max_tokens
+    return (f"KV cache ({'MELT' if melt else 'LoopLM'}): {cache.nbytes:,} bytes for {cache.max_tokens} tokens at {loops} "
+            f"loops; a LoopLM cache would hold {looplm:,} bytes ({looplm / cache.nbytes:.1f}x)")
 
 
 if __name__ == '__main__':
