@@ -70,13 +70,13 @@ def train_py(args, threads):
 def evaluate(folder):
     """Accuracy (overall and per hop) at every EVAL_LOOPS count, decoding with chunk size 1."""
     import torch
-    from train import load_checkpoint, reason_task
+    from data.reason import prepare as reason
+    from train import load_checkpoint
     torch.set_num_threads(2)
     model, _ = load_checkpoint(folder, 'cpu')
-    task = reason_task()
     out = {}
     for n in EVAL_LOOPS:
-        acc, per_hop = task.accuracy(model.eval(), n, chunk_size=1)
+        acc, per_hop = reason.accuracy(model.eval(), n, chunk_size=1)
         out[n] = {'acc': acc, 'per_hop': per_hop, 'kv_bytes': model.config.kv_bytes_per_token(n, 4)}
     return out
 
@@ -173,7 +173,7 @@ def main(argv):
                        for row, by_seed in saved.items()}, cfg)
     import train  # after the flags are checked: importing torch takes a while
     train_args = cfg['train_args'].split()
-    train.parse_args(train_args)  # a typo fails here, not in the first run
+    train.parse_args(train_args, train.DEFAULTS)  # a typo fails here, not in the first run
     t0 = time.time()
     data_dir = os.path.join(train.DATA_DIR, 'reason')
     train.prepare_reason_task(data_dir)
@@ -181,7 +181,7 @@ def main(argv):
     if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
         print(f"training the shared LoopLM into {loop_dir}", flush=True)
         train_py([*train_args, '--phase=loop', f'--out_dir={loop_dir}', '--log_interval=1000000'], threads=2)
-    block_size = train.parse_args(train_args).get('block_size', train.DEFAULTS['block_size'])
+    block_size = train.parse_args(train_args, train.DEFAULTS).get('block_size', train.DEFAULTS['block_size'])
     runs = [(row, seed) for row in cfg['rows'] for seed in range(1, cfg['seeds'] + 1)]
 
     def run(row_seed):
@@ -205,5 +205,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from train import run_script
+    from configurator import run_script
     run_script(main)

@@ -1,9 +1,10 @@
 """
-Train a LoopLM and post-train it into MELT, in three phases (spec sections 1, 3, 4):
+Train a LoopLM and post-train it into MELT, in three phases (README "The main job"; the
+MELT paper's chunk-wise training, transition and distillation):
 
-  loop        the LoopLM (cache='loop') with Ouro's objective, from scratch or an Ouro folder
-  transition  phase 1: MELT from the LoopLM's weights + new gates; alpha goes 0 -> 1
-  distill     phase 2: MELT student, frozen LoopLM teacher, KL + attention alignment
+  loop        the LoopLM (kv_sharing='loop'), from scratch or an Ouro folder: the values below
+  transition  phase 1: MELT from the LoopLM's weights + new gates; alpha goes 0 -> 1 (config/transition.py)
+  distill     phase 2: MELT student, frozen LoopLM teacher, KL + attention alignment (config/distill.py)
 
 $ python train.py                         the main job: prepares data/reason if needed, runs
                                           loop -> transition -> distill into out/<phase>, and
@@ -12,15 +13,13 @@ $ python train.py --phase distill         one phase (here from out/transition, t
 $ python train.py --phase=loop --init_from=ouro:/path/to/Ouro-1.4B --dataset=text
 $ torchrun --standalone --nproc_per_node=2 train.py --phase=loop     (DDP: nccl on GPU, gloo on CPU)
 
-Options are the module-level names below, as --key=value or --key value.
+Options are the module-level names below, as --key=value or --key value; a phase's config
+file replaces some of them first, and says so when the phase starts (configurator.py).
 """
-import ast
 import gc
-import importlib.util
 import math
 import os
 import pickle
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -32,15 +31,18 @@ import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from configurator import DTYPES, check_choice, check_device, parse_args, read_config_file, run_script
+from data.reason import prepare as reason
 from data.text.prepare import write_temporary
-from melt import GATES, MELT, MELTConfig, exit_distribution
+from melt import GATES, MELT, MELTConfig, still_looping
+from ouro import load_ouro, read_ouro_config
 
 # -----------------------------------------------------------------------------
-# default config values; PHASE_DEFAULTS below adjusts some per phase
-phase = 'all'  # 'all' (the main job) | 'loop' | 'transition' | 'distill'
+# config values: the LoopLM's; config/transition.py and config/distill.py replace some
+phase = 'all'  # 'all' (the main job: loop, transition, distill) | 'loop' | 'transition' | 'distill'
 out_dir = ''  # default: out/<phase>
-init_from = ''  # 'scratch' | 'resume' | an out dir | 'ouro:PATH'; default per phase
-teacher = ''  # the frozen LoopLM for distill (and KD in transition): an out dir or 'ouro:PATH'
+init_from = 'scratch'  # 'scratch' | 'resume' | an out dir | 'ouro:PATH'
+teacher = 'out/loop'  # the frozen LoopLM for distill (and KD in transition): an out dir or 'ouro:PATH'
 dataset = 'reason'  # a folder under data/ with train.bin, val.bin, meta.pkl
 eval_interval = 250
 log_interval = 50
@@ -58,7 +60,7 @@ n_kv_head = 4
 n_embd = 64
 n_hidden = 176
 loops = 4  # loops per token in training
-chunk_size = 2  # MELT's chunk-wise forward (spec section 3); 8 tokens per row = 4 chunks
+chunk_size = 2  # MELT's chunk-wise forward (the paper trains chunk by chunk); 8 tokens per row = 4 chunks
 gate = 'element'  # MELT's K/V sharing: element | scalar | last | first | mean | ema (melt.KVGate)
 ema_z = 0.5  # the fixed z of gate='ema'
 # optimizer
@@ -70,7 +72,8 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 warmup_iters = 50
-decay_lr = True  # cosine to min_lr = learning_rate / 10
+decay_lr = True  # after warmup, a cosine from each group's learning rate down to min_lr_ratio of it
+min_lr_ratio = 0.1
 # objectives
 objective = ''  # 'depth' | 'ouro'; default: 'depth' where the data has depths, 'ouro' from an Ouro checkpoint
 exit_beta = 0.1  # 'ouro': expected CE over exits - exit_beta * entropy of the exit distribution
@@ -84,53 +87,22 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype
 compile = False
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-PHASE_DEFAULTS = {
-    'loop': dict(init_from='scratch', max_iters=2000),
-    'transition': dict(init_from='out/loop', teacher='out/loop', max_iters=400, learning_rate=1e-3),
-    'distill': dict(init_from='out/transition', teacher='out/loop', max_iters=1000, learning_rate=5e-4, gate_lr=5e-3),
-}
-PHASES = tuple(PHASE_DEFAULTS)
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+PHASES = ('loop', 'transition', 'distill')
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(HERE, 'data')
 MODEL_FLAGS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden')  # the shape of a model from scratch
 
 
-def parse_args(argv, defaults=DEFAULTS):
-    """--key=value or --key value (a bare --flag for True), typed like the default; unknown
-    keys are an error."""
-    overrides, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith('--'):
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, eq, value = arg[2:].partition('=')
-        if key not in defaults:
-            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(defaults))}")
-        default = defaults[key]
-        if not eq and isinstance(default, bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
-            value = 'True'  # a bare boolean flag
-        elif not eq:
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        if isinstance(default, str):
-            overrides[key] = value
-        else:
-            try:
-                parsed = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise ValueError(f"--{key}={value}: expected a {type(default).__name__}") from None
-            if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-                parsed = float(parsed)
-            if type(parsed) is not type(default):
-                raise ValueError(f"--{key}={value}: expected a {type(default).__name__}, got {type(parsed).__name__}")
-            overrides[key] = parsed
-        i += 1
-    return overrides
+def phase_file(name):
+    """The phase's config file (config/<phase>.py), or None where the values above hold."""
+    path = os.path.join(HERE, 'config', f'{name}.py')
+    return path if os.path.isfile(path) else None
 
 
 def phase_config(name, overrides):
-    cfg = {**DEFAULTS, **PHASE_DEFAULTS[name], **overrides, 'phase': name}
+    """The settings of one phase: the values above, its config file's, then the command line's."""
+    from_file = read_config_file(phase_file(name), DEFAULTS) if phase_file(name) else {}
+    cfg = {**DEFAULTS, **from_file, **overrides, 'phase': name}
     cfg['out_dir'] = overrides.get('out_dir') or f'out/{name}'
     if cfg['init_from'].startswith('ouro:') and 'teacher' not in overrides:
         cfg['teacher'] = cfg['init_from']  # the Ouro model is its own MELT student's teacher
@@ -145,24 +117,17 @@ def phase_config(name, overrides):
     for key in ('learning_rate', 'gate_lr'):
         if not 0 < cfg[key] < float('inf'):
             raise ValueError(f"--{key} must be > 0, got {cfg[key]}")
-    if cfg['gate'] not in GATES:
-        raise ValueError(f"--gate must be one of {', '.join(GATES)}, got {cfg['gate']!r}")
+    if not 0 <= cfg['min_lr_ratio'] <= 1:
+        raise ValueError(f"--min_lr_ratio must be in [0, 1], got {cfg['min_lr_ratio']}")
     if not 0 <= cfg['ema_z'] <= 1:
         raise ValueError(f"--ema_z must be in [0, 1], got {cfg['ema_z']}")
-    if cfg['objective'] not in ('', 'depth', 'ouro'):
-        raise ValueError(f"--objective must be depth or ouro, got {cfg['objective']!r}")
-    if cfg['dtype'] not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    check_choice('gate', cfg['gate'], GATES)
+    check_choice('objective', cfg['objective'] or 'depth', ('depth', 'ouro'))  # '' is the default's
+    check_choice('dtype', cfg['dtype'], DTYPES)
     check_device(cfg['device'])
     cfg['given'] = sorted(overrides)  # what the command line set, for the checks on resume
+    cfg['from_file'] = sorted(set(from_file) - set(overrides))  # what the file set and no flag replaced
     return cfg
-
-
-def check_device(device):
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}, but this machine has no CUDA device; use --device=cpu")
-    if not device.startswith(('cuda', 'cpu', 'mps')):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +206,16 @@ def token_ce(logits, targets):
     return F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction='none')
 
 
+def exit_distribution(exit_logits):
+    """Ouro's exit distribution over loops from the per-loop gate logits (..., L):
+    p_t = lambda_t * prod_{j<t}(1 - lambda_j) for t < L, and p_L = prod_{j<L}(1 - lambda_j)."""
+    lam = torch.sigmoid(exit_logits.float())
+    survive = still_looping(exit_logits)  # melt.py's Q-exit uses the same product
+    survive_before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
+    lam = torch.cat([lam[..., :-1], torch.ones_like(lam[..., -1:])], dim=-1)  # last loop takes the rest
+    return lam * survive_before
+
+
 def ouro_loss(aux, targets, beta):
     """Ouro's objective: sum_t p_t * CE_t - beta * H(p), averaged over the counted tokens."""
     p = exit_distribution(aux['exit_logits'])  # (B, T, loops)
@@ -312,25 +287,25 @@ def alpha_at(cfg, iter_num):
 
 
 def phase_loss(cfg, model, teacher_model, batch, alpha):
-    """The phase's loss and its parts (for the log) on batch = (x, y, depth)."""
+    """The phase's loss and its parts (for the log) on batch = (x, y, depth); teacher_model is
+    None unless the phase distills (distill, or the transition with kd_weight > 0)."""
     x, y, depth = batch
     if cfg['phase'] == 'loop':
         _, _, aux = model(x, loops=cfg['loops'], return_aux=True)
         return objective_loss(cfg, aux, y, depth)
     _, _, aux = model(x, loops=cfg['loops'], chunk_size=cfg['chunk_size'], alpha=alpha, return_aux=True)
-    if cfg['phase'] == 'transition':
-        loss, parts = objective_loss(cfg, aux, y, depth)
-        parts['alpha'] = alpha
-        if cfg['kd_weight'] > 0:
-            with torch.no_grad():
-                _, _, teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
-            parts['kd'] = kl_every_loop(aux, teacher_aux)
-            loss = loss + cfg['kd_weight'] * parts['kd']
-        return loss, parts
-    with torch.no_grad():
-        _, _, teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
-    kl, align = kl_every_loop(aux, teacher_aux), attention_alignment(aux, teacher_aux)
-    return kl + cfg['distill_beta'] * align, {'kl': kl, 'attn': align}
+    if teacher_model is not None:
+        with torch.no_grad():
+            _, _, teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
+    if cfg['phase'] == 'distill':
+        kl, align = kl_every_loop(aux, teacher_aux), attention_alignment(aux, teacher_aux)
+        return kl + cfg['distill_beta'] * align, {'kl': kl, 'attn': align}
+    loss, parts = objective_loss(cfg, aux, y, depth)
+    parts['alpha'] = alpha
+    if teacher_model is not None:  # the transition's optional KD
+        parts['kd'] = kl_every_loop(aux, teacher_aux)
+        loss = loss + cfg['kd_weight'] * parts['kd']
+    return loss, parts
 
 
 # -----------------------------------------------------------------------------
@@ -358,17 +333,20 @@ def load_checkpoint(path, device):
     return model, ckpt
 
 
-def load_model(source, cache, cfg, meta):
-    """A model from 'scratch', an out dir, or 'ouro:PATH', as a `cache` model. A LoopLM source
-    for a MELT model keeps its weights and gets new gates (reset_gates' init)."""
+def uses_teacher(cfg):
+    return cfg['phase'] == 'distill' or (cfg['phase'] == 'transition' and cfg['kd_weight'] > 0)
+
+
+def load_model(source, kv_sharing, cfg, meta):
+    """A model from 'scratch', an out dir, or 'ouro:PATH', with the given K/V sharing. A LoopLM
+    source for a MELT model keeps its weights and gets new gates (reset_gates' init)."""
     if source == 'scratch':
         return MELT(MELTConfig(vocab_size=meta['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
                                n_head=cfg['n_head'], n_kv_head=cfg['n_kv_head'], n_embd=cfg['n_embd'],
-                               n_hidden=cfg['n_hidden'], n_loops=cfg['loops'], cache=cache,
+                               n_hidden=cfg['n_hidden'], n_loops=cfg['loops'], kv_sharing=kv_sharing,
                                chunk_size=cfg['chunk_size'], gate=cfg['gate'], ema_z=cfg['ema_z'])), None
     if source.startswith('ouro:'):
         path = source.removeprefix('ouro:')
-        from ouro import read_ouro_config
         read_ouro_config(path)  # a clear error for a folder that is not Ouro's, before anything else
         if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
             raise FileNotFoundError(f"no tokenizer.json in {path!r}: the Ouro folder's tokenizer names its data")
@@ -377,18 +355,18 @@ def load_model(source, cache, cfg, meta):
         if wanted != tokenizer_id(source):
             raise ValueError(f"data/{cfg['dataset']} was tokenized with {wanted!r}, not with {path}'s tokenizer: "
                              f"run python data/text/prepare.py --input=FILE --tokenizer={source}")
-        gate = dict(gate=cfg['gate'], ema_z=cfg['ema_z']) if cache == 'melt' else {}
-        return MELT.from_ouro(path, cache=cache, dtype=torch.float32, chunk_size=cfg['chunk_size'], **gate), None
+        gate = dict(gate=cfg['gate'], ema_z=cfg['ema_z']) if kv_sharing == 'melt' else {}
+        return load_ouro(path, kv_sharing=kv_sharing, dtype=torch.float32, chunk_size=cfg['chunk_size'], **gate), None
     model, ckpt = load_checkpoint(source, 'cpu')
-    if model.config.cache == 'melt' and cache == 'loop':
+    if model.config.kv_sharing == 'melt' and kv_sharing == 'loop':
         raise ValueError(f"{source} holds a MELT model; the LoopLM phase and the teacher need a LoopLM or Ouro checkpoint")
-    if model.config.cache == 'loop' and cache == 'melt':  # a new MELT model: its gates are this run's
+    if model.config.kv_sharing == 'loop' and kv_sharing == 'melt':  # a new MELT model: its gates are this run's
         model.config.chunk_size, model.config.gate, model.config.ema_z = cfg['chunk_size'], cfg['gate'], cfg['ema_z']
     for key in ('gate', 'ema_z'):
-        if model.config.cache == 'melt' and key in cfg['given'] and cfg[key] != getattr(model.config, key):
+        if model.config.kv_sharing == 'melt' and key in cfg['given'] and cfg[key] != getattr(model.config, key):
             raise ValueError(f"{source} holds a MELT model with {key}={getattr(model.config, key)!r}; "
                              f"--{key}={cfg[key]} applies only when MELT starts from a LoopLM")
-    return model.as_cache(cache), ckpt
+    return model.with_kv_sharing(kv_sharing), ckpt
 
 
 def save_checkpoint(out_dir, state):
@@ -411,7 +389,7 @@ def check_out_dir(cfg):
     reads or another phase made (unless this run resumes that very checkpoint)."""
     out_dir = os.path.realpath(cfg['out_dir'])
     if cfg['init_from'] != 'resume':
-        for role in ('init_from', 'teacher'):
+        for role in ('init_from', 'teacher') if uses_teacher(cfg) else ('init_from',):
             source = cfg[role].removeprefix('ouro:')
             if source and source != 'scratch' and os.path.realpath(source) == out_dir:
                 raise ValueError(f"--out_dir={cfg['out_dir']} is the --{role} this run reads; its checkpoint "
@@ -447,6 +425,24 @@ def check_resume(cfg, ckpt):
             cfg[key] = ckpt['config'][key]
 
 
+def configure_optimizers(model, cfg, device_type):
+    """AdamW with three groups: base matrices (decayed), base vectors, and MELT's gates, at
+    their own, larger learning rate (the paper: 8e-6 base vs 5e-4 gates at 1.4B)."""
+    gate_ids = {id(p) for g in model.gate_modules() for p in g.parameters()}
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    groups = [
+        {'params': [p for p in base if p.dim() >= 2], 'weight_decay': cfg['weight_decay'], 'lr': cfg['learning_rate']},
+        {'params': [p for p in base if p.dim() < 2], 'weight_decay': 0.0, 'lr': cfg['learning_rate']},
+        {'params': [p for g in model.gate_modules() for p in g.parameters() if p.requires_grad],
+         'weight_decay': 0.0, 'lr': cfg['gate_lr']},
+    ]
+    groups = [g for g in groups if g['params']]
+    for g in groups:
+        g['base_lr'] = g['lr']  # lr_scale scales every group from here
+    return torch.optim.AdamW(groups, lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
+                             fused=device_type == 'cuda')
+
+
 # -----------------------------------------------------------------------------
 
 def train(cfg):
@@ -477,9 +473,9 @@ def train(cfg):
             data.depths(split)
     cfg['objective'] = choose_objective(cfg, data)
 
-    cache = 'loop' if cfg['phase'] == 'loop' else 'melt'
     resume = cfg['init_from'] == 'resume'
-    model, ckpt = load_model(cfg['out_dir'] if resume else cfg['init_from'], cache, cfg, data.meta)
+    model, ckpt = load_model(cfg['out_dir'] if resume else cfg['init_from'],
+                             'loop' if cfg['phase'] == 'loop' else 'melt', cfg, data.meta)
     if resume:
         check_resume(cfg, ckpt)
     if model.config.vocab_size < data.meta['vocab_size']:
@@ -489,7 +485,7 @@ def train(cfg):
         raise ValueError(f"--block_size={cfg['block_size']} exceeds the model's block_size {model.config.block_size}")
     model.to(device)
     teacher_model = None
-    if cfg['phase'] == 'distill' or (cfg['phase'] == 'transition' and cfg['kd_weight'] > 0):
+    if uses_teacher(cfg):
         teacher_model, _ = load_model(cfg['teacher'], 'loop', cfg, data.meta)
         student, teacher = model.config, teacher_model.config
         shape = ('vocab_size',) + MODEL_FLAGS
@@ -498,8 +494,7 @@ def train(cfg):
                              + ', '.join(f"{k} {getattr(teacher, k)} vs {getattr(student, k)}" for k in shape
                                          if getattr(student, k) != getattr(teacher, k)))
         teacher_model.to(device).eval().requires_grad_(False)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], cfg['gate_lr'],
-                                           (cfg['beta1'], cfg['beta2']), device_type)
+    optimizer = configure_optimizers(model, cfg, device_type)
     iter_num, best_val_loss = 0, float('inf')
     if resume:
         base_lrs = [g['base_lr'] for g in optimizer.param_groups]
@@ -516,13 +511,14 @@ def train(cfg):
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
                     find_unused_parameters=cfg['phase'] != 'loop')
 
-    def lr_scale(it):  # linear warmup, then cosine to 1/10
+    def lr_scale(it):  # linear warmup, then cosine down to min_lr_ratio
         if it < cfg['warmup_iters']:
             return (it + 1) / (cfg['warmup_iters'] + 1)
         if not cfg['decay_lr']:
             return 1.0
         progress = min(1.0, (it - cfg['warmup_iters']) / max(1, cfg['max_iters'] - cfg['warmup_iters']))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        low = cfg['min_lr_ratio']
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @torch.no_grad()
     def estimate_val_loss():
@@ -543,8 +539,10 @@ def train(cfg):
 
     tokens_per_iter = cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']
     if master:
-        print(f"phase {cfg['phase']}: {raw_model.get_num_params():,} parameters, cache={raw_model.config.cache}, "
-              f"loops={cfg['loops']}, objective={cfg['objective']}, {tokens_per_iter:,} tokens/iter, from {cfg['init_from']} -> {cfg['out_dir']}")
+        from_file = ', '.join(f"{k}={cfg[k]!r}" for k in cfg['from_file'])
+        print(f"phase {cfg['phase']}: {raw_model.get_num_params():,} parameters, kv_sharing={raw_model.config.kv_sharing}, "
+              f"loops={cfg['loops']}, objective={cfg['objective']}, {tokens_per_iter:,} tokens/iter, "
+              f"from {cfg['init_from']} -> {cfg['out_dir']}" + (f"\n  config/{cfg['phase']}.py: {from_file}" if from_file else ''))
     t0 = time.time()
     while True:
         for group in optimizer.param_groups:
@@ -601,35 +599,24 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # the main job
 
-def reason_task():
-    """data/reason/prepare.py as a module (it holds the task's accuracy eval)."""
-    path = os.path.join(DATA_DIR, 'reason', 'prepare.py')
-    spec = importlib.util.spec_from_file_location('reason_prepare', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def prepare_reason_task(folder):
     """data/reason, made (again) unless it holds the current task's data with its depths."""
-    task = reason_task()
     try:
         with open(os.path.join(folder, 'meta.pkl'), 'rb') as f:
-            current = pickle.load(f).get('itos') == task.WORDS
+            current = pickle.load(f).get('itos') == reason.WORDS
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
         current = False
     if not current or not all(os.path.isfile(os.path.join(folder, f'{s}_depth.bin')) for s in ('train', 'val')):
-        task.prepare(folder)
+        reason.prepare(folder)
 
 
 def final_table(loop_model, melt_model, device, eval_loops=(1, 2, 4, 8)):
     """Accuracy on held-out problems and KV-cache bytes per token (fp32 as trained, and bf16)."""
-    task = reason_task()
     rows = []
     for name, model in (('LoopLM', loop_model), ('MELT', melt_model)):
         model.to(device).eval()
         for n in eval_loops:
-            acc, per_hop = task.accuracy(model, n, device=device)
+            acc, per_hop = reason.accuracy(model, n, device=device)
             rows.append((name, n, acc, per_hop, model.config.kv_bytes_per_token(n, 4)))
     hops = sorted(rows[0][3])
     print(f"\n{'model':<7} {'loops':>5} {'accuracy':>8}  " + ' '.join(f'{h}-hop'.rjust(6) for h in hops)
@@ -640,7 +627,7 @@ def final_table(loop_model, melt_model, device, eval_loops=(1, 2, 4, 8)):
 
 
 def main(argv):
-    overrides = parse_args(argv)
+    overrides = parse_args(argv, DEFAULTS)
     if overrides.get('phase', 'all') not in PHASES + ('all',):
         raise ValueError(f"--phase must be one of {', '.join(PHASES + ('all',))}, got {overrides['phase']!r}")
     if overrides.get('phase', 'all') != 'all':
@@ -659,18 +646,6 @@ def main(argv):
     melt_model, _ = load_checkpoint('out/distill', device)
     final_table(loop_model, melt_model, device)
     print(f"\nmain job done in {time.time() - t0:.0f} s")
-
-
-def run_script(main):
-    """main(sys.argv[1:]) as a script (train.py, sample.py, bench.py): a user's mistake ends
-    in one line and exit status 1, Ctrl-C in one line and 130, never in a traceback."""
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, full disk, read-only dirs
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("\ninterrupted: files already written (checkpoints too) stay as they were", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == '__main__':

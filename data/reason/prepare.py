@@ -48,8 +48,20 @@ def encode(words):
     return [STOI[w] for w in words]
 
 
-def decode(ids):
-    return ' '.join(WORDS[i] for i in ids).replace(' \n ', '\n')
+class WordCodec:
+    """Text of the task's words ("a=b", "?a", "3"), separated by spaces (a newline is a
+    word), to ids and back: sample.py's tokenizer for this task."""
+    n_vocab, stop = len(WORDS), set()
+
+    def encode(self, text):
+        words = [w for w in text.replace('\n', ' \n ').split(' ') if w]
+        unknown = [w for w in words if w not in STOI]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a word of the reasoning task (e.g. 'a=b', 'c=3', '?a')")
+        return encode(words)
+
+    def decode(self, ids):
+        return ' '.join(WORDS[i] for i in ids).replace(' \n ', '\n').replace('\n ', '\n')
 
 
 def eval_problems(n=1000, seed=12345):
@@ -65,7 +77,7 @@ def accuracy(model, loops, n=1000, device='cpu', chunk_size=None):
     count. MELT models run with chunk_size=1 by default, i.e. as they decode."""
     import torch
     prompts, answers, hops = eval_problems(n)
-    if chunk_size is None and model.config.cache == 'melt':
+    if chunk_size is None and model.config.kv_sharing == 'melt':
         chunk_size = 1
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(prompts).to(device), loops=loops, chunk_size=chunk_size)
