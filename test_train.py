@@ -1,0 +1,346 @@
+"""train.py (phases, objectives, resume, DDP) and ablate.py."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import pickle
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ablate
+import train
+from conftest import (OURO_TINY, TRAIN_TINY, loop_and_melt_pair, ouro_tensors, run_train, tokens,
+                      train_hf_tokenizer, varied_lines, write_ouro_folder)
+from melt import MELT, MELTConfig
+
+# ----------------------------------------------------------------------------------------
+# train.py
+
+
+def fixed_val_loss(phase, model, teacher_model, data_dir):
+    """The phase's loss at alpha = 1 on four fixed validation batches."""
+    cfg = train.phase_config(phase, train.parse_args(TRAIN_TINY, train.DEFAULTS))
+    data = train.Data(data_dir, cfg['block_size'], 'cpu')
+    with torch.no_grad():
+        return np.mean([train.phase_loss(cfg, model, teacher_model, data.batch('val', 16, seed), 1.0)[0].item()
+                        for seed in range(4)])
+
+
+def test_each_phase_lowers_its_loss(reason_data, looplm_dir, tmp_path, capsys):
+    common = [f'--dataset={reason_data}', '--eval_interval=30', '--max_iters=30', '--always_save_checkpoint=True']
+    losses, _ = run_train(capsys, *common, '--phase=loop', f'--out_dir={tmp_path}/loop', '--learning_rate=1e-2')
+    assert np.mean([losses[i] for i in range(25, 30)]) < np.mean([losses[i] for i in range(5)]) - 0.3
+    teacher_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
+    cfg = train.phase_config('transition', train.parse_args(TRAIN_TINY, train.DEFAULTS))
+    start = train.load_model(looplm_dir, 'melt', cfg, {'vocab_size': 137})[0]  # LoopLM weights + new gates
+    run_train(capsys, *common, '--phase=transition', f'--init_from={looplm_dir}', f'--out_dir={tmp_path}/transition',
+              '--transition_iters=10', '--learning_rate=3e-3', '--gate_lr=3e-2')
+    after_transition, _ = train.load_checkpoint(f'{tmp_path}/transition', 'cpu')
+    assert fixed_val_loss('transition', after_transition, None, reason_data) < \
+        fixed_val_loss('transition', start, None, reason_data) - 0.01
+    _, out = run_train(capsys, *common, '--phase=distill', f'--init_from={tmp_path}/transition',
+                       f'--teacher={looplm_dir}', f'--out_dir={tmp_path}/distill', '--gate_lr=3e-2', '--learning_rate=3e-3')
+    after_distill, ckpt = train.load_checkpoint(f'{tmp_path}/distill', 'cpu')
+    assert fixed_val_loss('distill', after_distill, teacher_model, reason_data) < \
+        fixed_val_loss('distill', after_transition, teacher_model, reason_data) - 0.001
+    assert re.search(r'iter 0: loss [\d.]+ \(kl [\d.]+, attn [\d.]+\)', out)
+    assert ckpt['phase'] == 'distill' and ckpt['model_args']['kv_sharing'] == 'melt' and ckpt['iter_num'] == 30
+    assert set(ckpt) == {'model', 'optimizer', 'model_args', 'config', 'iter_num', 'best_val_loss', 'phase'}
+
+
+def test_alpha_schedule_is_linear_then_one(reason_data, looplm_dir, tmp_path, capsys):
+    cfg = train.phase_config('transition', {'transition_iters': 8})
+    assert [train.alpha_at(cfg, i) for i in (0, 2, 4, 8, 12)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    _, out = run_train(capsys, f'--dataset={reason_data}', '--phase=transition', f'--init_from={looplm_dir}',
+                       f'--out_dir={tmp_path}', '--max_iters=6', '--eval_interval=100', '--transition_iters=4')
+    logged = [float(a) for a in re.findall(r'alpha ([\d.]+)', out)]
+    assert logged == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_distill_loss_is_zero_for_the_teacher_itself():
+    loop_model, melt_model = loop_and_melt_pair()
+    ids = tokens(12, batch=2)
+    _, _, teacher_aux = loop_model(ids, return_aux=True)
+    _, _, same = melt_model(ids, alpha=0.0, chunk_size=4, return_aux=True)
+    _, _, melt = melt_model(ids, alpha=1.0, chunk_size=4, return_aux=True)
+    assert train.kl_every_loop(same, teacher_aux).abs() < 1e-6
+    assert train.attention_alignment(same, teacher_aux) < 1e-10
+    assert train.kl_every_loop(melt, teacher_aux) > 1e-4 and train.attention_alignment(melt, teacher_aux) > 1e-4
+    # hand-check of the KL on one distribution pair
+    s, t = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])
+    ps, pt = torch.softmax(s, -1)[0, 0], torch.softmax(t, -1)[0, 0]
+    expected = (pt * (pt / ps).log()).sum()
+    assert torch.isclose(train.kl_every_loop({'logits': [s]}, {'logits': [t]}), expected)
+
+
+def test_depth_objective_hand_worked():
+    """Loop k learns only the tokens whose problem needs at most k hops, the last loop all."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 3, 5, generator=g) for _ in range(3)]
+    exit_logits = torch.randn(2, 3, 3, generator=g)
+    targets = torch.tensor([[-1, 2, 4], [1, -1, 0]])
+    depth = torch.tensor([[1, 1, 3], [2, 2, 1]])
+    loss, parts = train.depth_loss({'logits': logits, 'exit_logits': exit_logits}, targets, depth, 0.5)
+    per_loop, ces = [], {}
+    for k in range(3):  # the naive way: token by token
+        terms = []
+        for b in range(2):
+            for t in range(3):
+                if targets[b, t] < 0:
+                    continue
+                ce = -torch.log_softmax(logits[k][b, t], -1)[targets[b, t]]
+                ces[k, b, t] = ce
+                if depth[b, t] <= k + 1 or k == 2:
+                    terms.append(ce)
+        per_loop.append(sum(terms) / len(terms))
+    bce = []
+    for (b, t) in [(0, 1), (0, 2), (1, 0), (1, 2)]:
+        for k in range(2):
+            done = float(ces[k, b, t] - ces[2, b, t] < 0.1)
+            p = torch.sigmoid(exit_logits[b, t, k])
+            bce.append(-(done * torch.log(p) + (1 - done) * torch.log(1 - p)) / 2)
+    exit_term = sum(bce) / 4
+    assert torch.isclose(parts['exit'], exit_term, atol=1e-6)
+    assert torch.isclose(loss, sum(per_loop) / 3 + 0.5 * exit_term, atol=1e-6)
+
+
+def resolve(words):
+    """(answer, hops) of a reasoning problem, followed link by link."""
+    links = dict(w.split('=') for w in words if '=' in w)
+    name, hops = [w for w in words if w.startswith('?')][0][1:], 0
+    while name in links:
+        name, hops = links[name], hops + 1
+    return name, hops
+
+
+def test_rows_hold_one_problem_and_depth_is_its_hop_count(reason_data):
+    data = train.Data(reason_data, 8, 'cpu')
+    itos = data.meta['itos']
+    x, y, depth = data.batch('train', 64, seed=3)
+    assert (x[:, 0] == itos.index('\n')).all()  # every row starts at a problem
+    assert ((y >= 0).sum(1) == 1).all() and (y[:, -1] >= 0).all()  # one answer, at the query
+    for row, target, d in zip(x.tolist(), y[:, -1].tolist(), depth.tolist()):
+        answer, hops = resolve([itos[i] for i in row])
+        assert itos[target] == answer and set(d) == {hops}
+    assert sorted(set(depth[:, 0].tolist())) == [1, 2, 3, 4]
+
+
+def test_the_objective_is_depth_on_the_task_and_ouro_from_ouro_or_without_depths(reason_data, tmp_path):
+    def choose(*flags, folder=reason_data):
+        cfg = train.phase_config('loop', train.parse_args(list(flags), train.DEFAULTS))
+        return train.choose_objective(cfg, train.Data(folder, 8, 'cpu'))
+    assert choose() == 'depth' and choose('--objective=ouro') == 'ouro'
+    assert choose('--init_from=ouro:/some/Ouro-1.4B') == 'ouro'
+    plain = tmp_path / 'plain'
+    plain.mkdir()
+    for f in ('train.bin', 'val.bin', 'meta.pkl'):
+        (plain / f).write_bytes((pathlib.Path(reason_data) / f).read_bytes())
+    assert choose(folder=str(plain)) == 'ouro'
+    with pytest.raises(ValueError, match=r'--objective=depth needs train_depth.bin and val_depth.bin in .*plain'):
+        choose('--objective=depth', folder=str(plain))
+
+
+def stop_at(monkeypatch, iter_to_stop, error):
+    """Make train.phase_loss raise `error` (or return NaN, error=None) at one iteration;
+    returns a dict that gets the checkpoint's bytes as they were at that moment."""
+    real, seen, steps = train.phase_loss, {}, []
+
+    def patched(cfg, model, teacher_model, batch, alpha):
+        loss, parts = real(cfg, model, teacher_model, batch, alpha)
+        steps.extend([None] if model.training else [])  # one training call per iteration here
+        if len(steps) - 1 == iter_to_stop and model.training:
+            seen['ckpt'] = open(os.path.join(cfg['out_dir'], 'ckpt.pt'), 'rb').read()
+            if error is not None:
+                raise error
+            loss = loss * float('nan')
+        return loss, parts
+    monkeypatch.setattr(train, 'phase_loss', patched)
+    return seen
+
+
+def test_resume_gives_the_same_losses(reason_data, tmp_path, capsys, monkeypatch):
+    common = [f'--dataset={reason_data}', '--phase=loop', '--eval_interval=4', '--max_iters=8']
+    whole, _ = run_train(capsys, *common, f'--out_dir={tmp_path}/whole')
+    stop_at(monkeypatch, 5, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TRAIN_TINY + common + [f'--out_dir={tmp_path}/parts'])
+    first, _ = run_train(capsys)  # what the interrupted run printed
+    monkeypatch.undo()
+    second, _ = run_train(capsys, *common, f'--out_dir={tmp_path}/parts', '--init_from=resume')
+    assert sorted(first) == [0, 1, 2, 3, 4] and sorted(second) == [4, 5, 6, 7]
+    assert {**first, **second} == whole and first[4] == second[4]
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(reason_data, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / 'run'
+    seen = stop_at(monkeypatch, 3, None)
+    with pytest.raises(FloatingPointError, match=r'loss is nan at iter 3; stopping. The last good checkpoint in .* is untouched'):
+        run_train(capsys, f'--dataset={reason_data}', '--phase=loop', '--max_iters=6', '--eval_interval=2',
+                  f'--out_dir={out_dir}', '--always_save_checkpoint=True')
+    assert (out_dir / 'ckpt.pt').read_bytes() == seen['ckpt']
+    assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 2
+    assert not list(out_dir.glob('*.tmp'))
+
+
+@pytest.mark.parametrize('argv, error, match', [
+    (['--learning_rat=1e-3'], ValueError, r'unknown option --learning_rat; known: '),
+    (['--max_iters=ten'], ValueError, r'--max_iters=ten: expected a int'),
+    (['--max_iters', '1.5'], ValueError, r'--max_iters=1.5: expected a int, got float'),
+    (['--phase', 'distil'], ValueError, r"--phase must be one of loop, transition, distill, all, got 'distil'"),
+    (['--phase=loop', '--dtype=fp8'], ValueError, r"--dtype must be one of float32, bfloat16, float16, got 'fp8'"),
+    (['--phase=transition', '--chunk_size=0'], ValueError, r'--chunk_size must be >= 1, got 0'),
+    (['--phase=loop', 'nowhere.py'], FileNotFoundError, r"config file 'nowhere.py' does not exist"),
+    (['--phase=loop', 'config'], ValueError, r"expected --key=value or a config file \(.py\), got 'config'"),
+])
+def test_bad_flags(argv, error, match):
+    with pytest.raises(error, match=match):
+        train.main(argv)
+
+
+def test_config_files_set_values_in_plain_sight(tmp_path, capsys, reason_data, looplm_dir):
+    """The values at the top of train.py are the LoopLM's; a phase's config file replaces some,
+    flags replace those, and the phase says what its file set."""
+    assert train.parse_args(['--compile', '--max_iters', '5', '--decay_lr=False'], train.DEFAULTS) == \
+        {'compile': True, 'max_iters': 5, 'decay_lr': False}
+    loop = train.phase_config('loop', {})
+    assert all(loop[k] == v for k, v in train.DEFAULTS.items() if k not in ('phase', 'out_dir')) and loop['from_file'] == []
+    distill = train.phase_config('distill', {'max_iters': 7})
+    changed = sorted(k for k, v in train.DEFAULTS.items() if distill[k] != v and k not in ('phase', 'out_dir'))
+    assert changed == ['gate_lr', 'init_from', 'learning_rate', 'max_iters'] and distill['max_iters'] == 7
+    assert distill['from_file'] == ['gate_lr', 'init_from', 'learning_rate']  # what the file set and no flag replaced
+    mine = tmp_path / 'mine.py'
+    mine.write_text("eval_iters = 3\nlearning_rate = 2e-3  # a comment\n")
+    assert train.parse_args([str(mine), '--eval_iters=4'], train.DEFAULTS) == {'eval_iters': 4, 'learning_rate': 2e-3}
+    mine.write_text("learning_rat = 2e-3\n")
+    with pytest.raises(ValueError, match=r"mine.py sets 'learning_rat', which is not an option"):
+        train.parse_args([str(mine)], train.DEFAULTS)
+    mine.write_text("max_iters = 'ten'\n")
+    with pytest.raises(ValueError, match=r'--max_iters=ten: expected a int'):
+        train.parse_args([str(mine)], train.DEFAULTS)
+    _, out = run_train(capsys, f'--dataset={reason_data}', '--phase=distill', f'--init_from={looplm_dir}',
+                       f'--teacher={looplm_dir}', f'--out_dir={tmp_path}/d', '--max_iters=1', '--eval_interval=1')
+    assert "\n  config/distill.py: gate_lr=0.005, learning_rate=0.0005\n" in out
+
+
+def test_mismatched_data(reason_data, looplm_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'no ckpt.pt in .*nowhere'):
+        train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=transition', f'--init_from={tmp_path}/nowhere'])
+    with pytest.raises(FileNotFoundError, match=r'no meta.pkl in'):
+        train.main(TRAIN_TINY + [f'--dataset={tmp_path}', '--phase=loop'])
+    bigger = tmp_path / 'bigger'
+    bigger.mkdir()
+    for f in ('train.bin', 'val.bin'):
+        (bigger / f).write_bytes(open(os.path.join(reason_data, f), 'rb').read())
+    with open(bigger / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 500, 'tokenizer': 'gpt2'}, f)
+    with pytest.raises(ValueError, match=r'has vocab_size 500, the model only 137'):
+        train.main(TRAIN_TINY + [f'--dataset={bigger}', '--phase=transition', f'--init_from={looplm_dir}'])
+
+
+def test_ddp_two_processes_match_one_process(reason_data, tmp_path, capsys):
+    args = TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', '--max_iters=3', '--eval_interval=3',
+                         '--gradient_accumulation_steps=2']
+    train.main(args + [f'--out_dir={tmp_path}/single'])
+    capsys.readouterr()
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(here, 'train.py')] + args + [f'--out_dir={tmp_path}/ddp'],
+                         capture_output=True, text=True, cwd=here, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model']
+    ddp = torch.load(f'{tmp_path}/ddp/ckpt.pt', weights_only=False)['model']
+    assert single.keys() == ddp.keys()
+    # Adam divides by sqrt(v): where a gradient is ~0, the fp32 rounding of gloo's other order of
+    # summation can move a weight by up to lr. So: nearly all weights equal, none off by more.
+    diff = torch.cat([(single[k] - ddp[k]).abs().flatten() for k in single])
+    assert (diff <= 1e-5).float().mean() > 0.999 and diff.max() <= 2 * 3 * 3e-3, diff.max()  # 3 steps of lr 3e-3
+    assert any(not torch.equal(single[k], v) for k, v in MELT(MELTConfig(
+        **torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model_args'])).state_dict().items())
+
+
+def test_distill_from_a_tiny_ouro_folder(tmp_path, capsys):
+    from data.text.prepare import main as prepare_text
+    folder = tmp_path / 'ouro'
+    train_hf_tokenizer(varied_lines(200), folder, vocab_size=300)
+    write_ouro_folder(folder, dict(OURO_TINY, vocab_size=300), ouro_tensors(dict(OURO_TINY, vocab_size=300)))
+    text = tmp_path / 'text.txt'
+    text.write_text('\n'.join(varied_lines(400)))
+    prepare_text([f'--input={text}', f'--tokenizer=ouro:{folder}', f'--out_dir={tmp_path}/data'])
+    losses, out = run_train(capsys, f'--dataset={tmp_path}/data', '--phase=distill', f'--init_from=ouro:{folder}',
+                            f'--out_dir={tmp_path}/distill', '--max_iters=6', '--eval_interval=6')
+    assert 'kv_sharing=melt' in out and f'from ouro:{folder}' in out and len(losses) == 6
+    assert losses[5] < losses[0]
+    ckpt = torch.load(f'{tmp_path}/distill/ckpt.pt', weights_only=False)
+    assert ckpt['model_args']['n_embd'] == 32 and ckpt['model_args']['vocab_size'] == 300
+    # data made with another tokenizer is refused
+    other = tmp_path / 'other'
+    train_hf_tokenizer(varied_lines(100), other, vocab_size=280)
+    prepare_text([f'--input={text}', f'--tokenizer=ouro:{other}', f'--out_dir={tmp_path}/data2'])
+    with pytest.raises(ValueError, match=r"was tokenized with 'ouro:[0-9a-f]+', not with .*ouro's tokenizer"):
+        train.main(TRAIN_TINY + [f'--dataset={tmp_path}/data2', '--phase=distill', f'--init_from=ouro:{folder}'])
+
+
+# ----------------------------------------------------------------------------------------
+# ablate.py
+
+def test_ablation_rows_switch_what_they_say():
+    runs = {row: ablate.plan(row, 2, 'L', 'R', 8) for row in ablate.ROWS}
+    flags = {row: [dict(a.removeprefix('--').split('=', 1) for a in args) for args in phases]
+             for row, (phases, _) in runs.items()}
+    for row in ('element', 'scalar', 'last', 'first', 'mean', 'ema'):  # both phases, chunk-wise, the row's gate
+        assert [f['phase'] for f in flags[row]] == ['transition', 'distill'] and runs[row][1] == f'R/{row}/seed2/distill'
+        assert all(f['gate'] == row and f['seed'] == '2' and 'chunk_size' not in f for f in flags[row])
+        assert flags[row][0]['init_from'] == 'L' and flags[row][1]['init_from'] == f'R/{row}/seed2/transition'
+    assert [f['phase'] for f in flags['no transition']] == ['distill'] and flags['no transition'][0]['init_from'] == 'L'
+    assert [f['phase'] for f in flags['no distill']] == ['transition'] and runs['no distill'][1].endswith('transition')
+    assert [f['chunk_size'] for f in flags['no chunks']] == ['8', '8']  # one chunk = the whole row
+    assert all(f['teacher'] == 'L' for row, fs in flags.items() for f in fs if row != 'ouro objective')
+    assert flags['ouro objective'] == [{'seed': '2', 'phase': 'loop', 'objective': 'ouro', 'out_dir': 'R/ouro_objective/seed2/loop',
+                                        'log_interval': '1000000'}]
+
+
+def test_no_transition_starts_distillation_from_the_looplm_with_fresh_gates(looplm_dir):
+    loop_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
+    cfg = train.phase_config('distill', train.parse_args(TRAIN_TINY + [f'--init_from={looplm_dir}'], train.DEFAULTS))
+    student, _ = train.load_model(cfg['init_from'], 'melt', cfg, {'vocab_size': 137})
+    base = student.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in loop_model.state_dict().items())
+    for gate in student.gate_modules():  # reset_gates' values, the same as a transition starts with
+        assert not gate.w_z.weight.any() and not gate.u_z.weight.any()
+        assert (gate.b_z == student.config.gate_bias_init).all()
+
+
+def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys):
+    flags = TRAIN_TINY + [f'--dataset={reason_data}', '--max_iters=3', '--eval_interval=3', '--transition_iters=2']
+    ablate.main([f'--out_dir={tmp_path}', '--rows=no_distill,no_chunks', '--seeds=2', f'--figure={tmp_path}/fig.png',
+                 '--train_args=' + ' '.join(flags)])
+    out = capsys.readouterr().out
+    results = json.load(open(tmp_path / 'results.json'))
+    assert list(results) == ['LoopLM', 'no distill', 'no chunks'] and list(results['no chunks']) == ['1', '2']
+    for row, by_seed in results.items():
+        for at in by_seed.values():
+            kv = [at[str(n)]['kv_bytes'] for n in ablate.EVAL_LOOPS]
+            assert kv == ([kv[0] * n for n in ablate.EVAL_LOOPS] if row == 'LoopLM' else [kv[0]] * 4), row
+        accs = [[by_seed[s][str(n)]['acc'] for s in by_seed] for n in ablate.EVAL_LOOPS]
+        cells = ' '.join(f"{np.mean(a):.3f} ±{(max(a) - min(a)) / 2:.3f}" for a in accs)
+        assert re.search(re.escape(row) + r' +' + str(len(by_seed)) + ' +' + r' +'.join(re.escape(c) for c in cells.split(' ')), out)
+    ablate.main([f'--out_dir={tmp_path}', '--replot=yes', f'--figure={tmp_path}/fig.png'])  # from results.json
+
+    def table(text):
+        return text[text.index('accuracy decoding'):].split('\n\n')[0]
+    assert table(capsys.readouterr().out) == table(out)  # the same table
+    assert not (tmp_path / 'no_distill' / 'seed1' / 'distill').exists()
+    for seed in (1, 2):
+        for phase in ('transition', 'distill'):
+            ckpt = torch.load(tmp_path / 'no_chunks' / f'seed{seed}' / phase / 'ckpt.pt', weights_only=False)
+            assert ckpt['config']['chunk_size'] == 18 and ckpt['config']['seed'] == seed  # TRAIN_TINY's block_size
+    if importlib.util.find_spec('matplotlib'):
+        assert (tmp_path / 'fig.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    else:
+        assert 'no figure: matplotlib is not installed' in out and not (tmp_path / 'fig.png').exists()
