@@ -66,7 +66,10 @@ def read_ouro_config(path):
     if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
         raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
                          f"!= hidden_size {hf['hidden_size']}, which this model needs")
-    fields.update(hf.get('melt', {}))  # save_ouro adds kv_sharing, chunk_size, gate...; Ouro ignores it
+    ours = dict(hf.get('melt', {}))  # save_ouro adds kv_sharing, chunk_size, gate...; Ouro ignores it
+    if 'cache' in ours:  # written by an older version, before the field was named kv_sharing
+        ours['kv_sharing'] = ours.pop('cache')
+    fields.update(ours)
     return fields
 
 

@@ -182,3 +182,20 @@ def test_chat_format():
 def test_stop_ids_are_im_end_and_endoftext(tmp_path):
     train_hf_tokenizer(['hello world'] * 5, tmp_path, vocab_size=300)
     assert stop_ids(ouro_tokenizer(str(tmp_path))) == {0, 2}
+
+
+def test_files_of_the_older_field_name_still_load(tmp_path):
+    """Checkpoints and exports written before `cache` was renamed `kv_sharing` load as saved."""
+    import train
+    model = tiny_model('melt')
+    save_ouro(model, str(tmp_path / 'export'))
+    config = json.loads((tmp_path / 'export' / 'config.json').read_text())
+    config['melt']['cache'] = config['melt'].pop('kv_sharing')
+    (tmp_path / 'export' / 'config.json').write_text(json.dumps(config))
+    assert load_ouro(str(tmp_path / 'export'), kv_sharing=None).config == model.config
+    args = {**model.config.__dict__}
+    args['cache'] = args.pop('kv_sharing')
+    (tmp_path / 'run').mkdir()
+    torch.save({'model': model.state_dict(), 'model_args': args}, tmp_path / 'run' / 'ckpt.pt')
+    back, _ = train.load_checkpoint(str(tmp_path / 'run'), 'cpu')
+    assert back.config == model.config and back.gate_modules()

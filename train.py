@@ -326,7 +326,10 @@ def load_checkpoint(path, device):
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
         raise ValueError(f"{file} is not a checkpoint of train.py: it lacks 'model' or 'model_args'")
     try:
-        model = MELT(MELTConfig(**ckpt['model_args']))
+        args = dict(ckpt['model_args'])
+        if 'cache' in args:  # a checkpoint of an older train.py, from before the field was named kv_sharing
+            args['kv_sharing'] = args.pop('cache')
+        model = MELT(MELTConfig(**args))
         model.load_state_dict(strip_compile_prefix(ckpt['model']))
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{file} does not hold a model of its own model_args: {str(e)[:300]}") from None
