@@ -195,6 +195,7 @@ def test_a_tokenizer_smaller_than_the_model_and_a_teacher_of_another_width(reaso
     ('sample', '--max_new_tokens=-1', r'--max_new_tokens must be >= 1 \(or 0 for the default\), got -1'),
     ('sample', '--num_samples=0', r'--num_samples must be >= 1, got 0'),
     ('sample', '--top_k=-3', r'--top_k must be >= 1 \(or 0 for the default\), got -3'),
+    ('sample', '--kv_sharing=both', r"--kv_sharing must be one of melt, loop, got 'both'"),
     ('sample', '--exit_threshold=1.5', r'--exit_threshold must be in \(0, 1\] \(or 0 for every loop\), got 1.5'),
     ('sample', '--exit_threshold=-0.1', r'--exit_threshold must be in \(0, 1\]'),
     ('sample', '--start=', r'the prompt \(--start\) is empty'),

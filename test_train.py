@@ -197,6 +197,10 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(reason_data, tmp_path, capsys, 
     (['--phase=transition', '--chunk_size=0'], ValueError, r'--chunk_size must be >= 1, got 0'),
     (['--phase=loop', 'nowhere.py'], FileNotFoundError, r"config file 'nowhere.py' does not exist"),
     (['--phase=loop', 'config'], ValueError, r"expected --key=value or a config file \(.py\), got 'config'"),
+    (['--phase=transition', '--gate=foo'], ValueError, r"--gate must be one of element, scalar, last, first, mean, ema, got 'foo'"),
+    (['--phase=loop', '--objective=bar'], ValueError, r"--objective must be one of depth, ouro, got 'bar'"),
+    (['--phase=transition', '--ema_z=2'], ValueError, r'--ema_z must be in \[0, 1\], got 2.0'),
+    (['--phase=loop', '--min_lr_ratio=-0.5'], ValueError, r'--min_lr_ratio must be in \[0, 1\], got -0.5'),
 ])
 def test_bad_flags(argv, error, match):
     with pytest.raises(error, match=match):
