@@ -1,6 +1,6 @@
 """
-The command line of train.py, sample.py, bench.py and ablate.py, in one place (nanoGPT's
-configurator.py, as a module). Options are the names at the top of the script, given as
+The command line of train.py, sample.py and bench.py, in one place (nanoGPT's
+configurator.py, as a module), and run_script, which every script (ablate.py too) runs under. Options are the names at the top of the script, given as
 --key=value or --key value (a bare --flag means True) and typed like their defaults; a
 config file (a .py file of `key = value` lines, e.g. config/distill.py) sets some of them
 first, in plain sight.

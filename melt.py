@@ -319,10 +319,10 @@ class MELTConfig:
         return per_layer * self.n_layer * (1 if self.kv_sharing == 'melt' else (loops or self.n_loops))
 
 
-def still_looping(exit_logits):
-    """prod_{j<=t}(1 - lambda_j) for every loop t of the per-loop exit logits (..., loops):
-    the probability that a token loops on after loop t (lambda = sigmoid of the exit logit)."""
-    return torch.cumprod(1 - torch.sigmoid(exit_logits.float()), dim=-1)
+def still_looping(lam):
+    """prod_{j<=t}(1 - lambda_j) for every loop t, from the per-loop exit probabilities
+    lambda (..., loops) = sigmoid(exit logits): the probability that a token loops on after loop t."""
+    return torch.cumprod(1 - lam, dim=-1)
 
 
 class MELT(nn.Module):
@@ -494,7 +494,8 @@ class MELT(nn.Module):
                 aux['states'][loop].append(x)
             if exit_threshold is not None and loop < loops - 1:  # stop once every token's exit CDF reaches q
                 exit_logits.append(self.exit_gate(x))
-                if bool((1 - still_looping(torch.cat(exit_logits, dim=-1))[..., -1] >= exit_threshold).all()):
+                lam = torch.sigmoid(torch.cat(exit_logits, dim=-1).float())
+                if bool((1 - still_looping(lam)[..., -1] >= exit_threshold).all()):
                     break
         return x, loop + 1
 

@@ -210,7 +210,7 @@ def exit_distribution(exit_logits):
     """Ouro's exit distribution over loops from the per-loop gate logits (..., L):
     p_t = lambda_t * prod_{j<t}(1 - lambda_j) for t < L, and p_L = prod_{j<L}(1 - lambda_j)."""
     lam = torch.sigmoid(exit_logits.float())
-    survive = still_looping(exit_logits)  # melt.py's Q-exit uses the same product
+    survive = still_looping(lam)  # melt.py's Q-exit uses the same product
     survive_before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
     lam = torch.cat([lam[..., :-1], torch.ones_like(lam[..., -1:])], dim=-1)  # last loop takes the rest
     return lam * survive_before
