@@ -40,6 +40,16 @@ compile = False  # decode with torch.compile(model.decode_step): static shapes, 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 
+def positions_run(model, prompt_tokens, new_tokens):
+    """The positions a generation runs through the model, checked against its block_size:
+    the prompt and every new token but the last, which is never run."""
+    n = prompt_tokens + max(new_tokens, 1) - 1
+    if n > model.config.block_size:
+        raise ValueError(f"prompt of {prompt_tokens} tokens + {max(new_tokens, 1)} new tokens run {n} positions, "
+                         f"more than block_size {model.config.block_size}")
+    return n
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
              chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None, decode_step=None):
@@ -49,9 +59,7 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     afterwards. decode_step: a compiled model.decode_step (sample.py --compile) instead
     of the eager forward. Returns idx (B, T + new tokens)."""
     B, T = idx.shape
-    if T + max(max_new_tokens, 1) - 1 > model.config.block_size:  # the last new token is never run
-        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens run {T + max_new_tokens - 1} "
-                         f"positions, more than block_size {model.config.block_size}")
+    needed = positions_run(model, T, max_new_tokens)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
     if exit_threshold is not None and not 0 < exit_threshold <= 1:
@@ -59,7 +67,6 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     if exit_threshold is not None and (B != 1 or decode_step is not None):
         raise ValueError(f"exit_threshold decides per token, in the eager decode, and needs batch size 1, got {B}")
     loops = model.config.n_loops if loops is None else loops
-    needed = T + max(max_new_tokens, 1) - 1  # the last new token is never run through the model
     cache = model.new_cache(B, needed, loops) if cache is None else cache
     if cache.length:
         raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
@@ -184,10 +191,7 @@ def main(argv):
         cuda = cfg['device'].startswith('cuda')
         step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
     for ids, note in prompts:
-        if len(ids) + max(new_tokens, 1) - 1 > model.config.block_size:  # the last new token is not run
-            raise ValueError(f"prompt of {len(ids)} tokens + {max(new_tokens, 1)} new tokens run "
-                             f"{len(ids) + max(new_tokens, 1) - 1} positions, more than block_size {model.config.block_size}")
-        cache = model.new_cache(1, max_tokens=len(ids) + max(new_tokens, 1) - 1, loops=loops)  # the last token is not run
+        cache = model.new_cache(1, max_tokens=positions_run(model, len(ids), new_tokens), loops=loops)
         y = generate(model, torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                            chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,
