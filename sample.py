@@ -121,12 +121,11 @@ def load(cfg):
     meta = Data(ckpt['config']['dataset'], model.config.block_size, 'cpu').meta  # the training data's tokenizer
     if meta.get('tokenizer') == 'reason':
         return model, reason.WordCodec()
-    if meta['tokenizer'] == 'gpt2':
-        import tiktoken
-        return model, TiktokenCodec(tiktoken.get_encoding('gpt2'))
-    from ouro import ouro_tokenizer, stop_ids
-    enc = ouro_tokenizer(meta['tokenizer_path'].removeprefix('ouro:'))
-    return model, TiktokenCodec(enc, stop_ids(enc))
+    from data.text.prepare import load_encoding  # the tokenizer the data set was made with
+    from ouro import stop_ids
+    tokenizer = meta.get('tokenizer_path', meta['tokenizer'])  # 'gpt2' or 'ouro:PATH'
+    enc = load_encoding(tokenizer)
+    return model, TiktokenCodec(enc, stop_ids(enc) if tokenizer.startswith('ouro:') else ())
 
 
 def read_prompt(cfg):
