@@ -128,7 +128,7 @@ class ChunkMemory:
     other choice)."""
 
     def __init__(self, n_layer, loops, alpha):
-        self.loops, self.alpha, self.length, self.loops_run = loops, alpha, 0, []
+        self.alpha, self.length = alpha, 0
         self.k = [[] for _ in range(n_layer)] if alpha > 0 else None
         self.v = [[] for _ in range(n_layer)] if alpha > 0 else None
         self.k_loop = [[[] for _ in range(n_layer)] for _ in range(loops)] if alpha < 1 else None
@@ -150,7 +150,6 @@ class ChunkMemory:
                 self.k[layer].append(k)
                 self.v[layer].append(v)
         self.length += n_tokens
-        self.loops_run.append(loops_run)
 
 
 def attend(q, kv_melt, kv_loop, alpha, mask, is_causal, group):
@@ -188,7 +187,8 @@ class KVGate(nn.Module):
     def __init__(self, n_embd, kind='element', ema_z=0.5):
         super().__init__()
         self.kind, self.ema_z = kind, ema_z
-        if kind in ('element', 'scalar'):
+        self.learned = kind in ('element', 'scalar')  # W_z, U_z, b_z: trained, and reset by reset_gates
+        if self.learned:
             width = n_embd if kind == 'element' else 1
             self.w_z = nn.Linear(n_embd, width, bias=False)
             self.u_z = nn.Linear(n_embd, width, bias=False)
@@ -196,7 +196,7 @@ class KVGate(nn.Module):
 
     def forward(self, x, h_prev, loop):
         """x (B, T, d): this loop's attention input; h_prev: the latent of the loop before."""
-        if self.kind in ('element', 'scalar'):
+        if self.learned:
             z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev) + self.b_z)
         else:  # loop is 0-based: h_prev holds loops 1..loop
             z = {'last': 0.0, 'first': 1.0, 'mean': loop / (loop + 1), 'ema': self.ema_z}[self.kind]
@@ -370,7 +370,7 @@ class MELT(nn.Module):
     def gate_modules(self):
         """The gates with parameters ('element', 'scalar')."""
         return [block.attn.kv_gate for block in self.layers if block.attn.kv_gate is not None
-                and block.attn.kv_gate.kind in ('element', 'scalar')]
+                and block.attn.kv_gate.learned]
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
