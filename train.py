@@ -133,6 +133,11 @@ def phase_config(name, overrides):
 # -----------------------------------------------------------------------------
 # data
 
+def has_depth_files(folder):
+    """Whether a data set holds each token's depth (train_depth.bin, val_depth.bin)."""
+    return all(os.path.isfile(os.path.join(folder, f'{split}_depth.bin')) for split in ('train', 'val'))
+
+
 class Data:
     """nanoGPT's memmapped uint16 token files. Batch k of iteration i is drawn from a
     generator seeded by (seed, i, k), so a resumed run sees the same data in the same order,
@@ -155,7 +160,7 @@ class Data:
         # tasks may name tokens after which the target counts (the answers); else every token
         self.loss_after = torch.tensor(self.meta.get('loss_after', []), dtype=torch.long)
         self.row_len = self.meta.get('row_len', 1)  # rows start where a problem starts (1: anywhere)
-        self.has_depth = all(os.path.isfile(os.path.join(self.dir, f'{split}_depth.bin')) for split in ('train', 'val'))
+        self.has_depth = has_depth_files(self.dir)
 
     def tokens(self, split):
         """The split's tokens, memory-mapped; checked to be uint16 ids, enough for a block."""
@@ -609,7 +614,7 @@ def prepare_reason_task(folder):
             current = pickle.load(f).get('itos') == reason.WORDS
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
         current = False
-    if not current or not all(os.path.isfile(os.path.join(folder, f'{s}_depth.bin')) for s in ('train', 'val')):
+    if not current or not has_depth_files(folder):
         reason.prepare(folder)
 
 
