@@ -327,3 +327,22 @@ def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(reason_data, tmp_path):
     assert 'interrupted' in err
     assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] % 3 == 0
     assert not list(out_dir.glob('*.tmp'))
+
+
+def test_ctrl_c_inside_torch_save_is_a_ctrl_c(tmp_path, monkeypatch):
+    """A Ctrl-C in the middle of torch.save's zip writer comes out of it as a RuntimeError (the
+    writer fails on its way out); the save must still end as a KeyboardInterrupt, with the
+    last checkpoint whole and no temporary file."""
+    train.save_checkpoint(str(tmp_path), {'iter_num': 3})
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+
+    def interrupted_save(obj, f):
+        f.write(b'partial')
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2116544 vs 2116496")
+    monkeypatch.setattr(torch, 'save', interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(tmp_path), {'iter_num': 6})
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']

@@ -389,6 +389,8 @@ def save_checkpoint(out_dir, state):
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise OSError(f"could not write {out_dir}/ckpt.pt ({e.strerror or e}); the last good one is untouched") from None
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: its zip writer then
+            raise KeyboardInterrupt from None              # fails on the way out with a RuntimeError
         raise
 
 
