@@ -180,6 +180,47 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def reference_phase_loss(cfg, model, teacher, batch, alpha):
+    """train.phase_loss written out the way it was before its losses went one slice of
+    tokens at a time: every loop's full logits at once, the formulas spelled out here."""
+    x, y, depth = batch
+    loops = cfg['loops']
+    chunked = {} if cfg['phase'] == 'loop' else dict(chunk_size=cfg['chunk_size'], alpha=alpha)
+    aux = model(x, loops=loops, return_aux=True, **chunked)
+    logits = [s @ model.lm_head.weight.T for s in aux['states']]  # (B, T, V) for every loop
+    mask = (y >= 0).to(logits[0].dtype)
+    counted = mask.sum()
+    ce = torch.stack([-torch.log_softmax(lg, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+                      for lg in logits], dim=-1)  # (B, T, loops)
+
+    def kl(teacher_aux):
+        t_logits = [s @ teacher.lm_head.weight.T for s in teacher_aux['states']]
+        return sum((torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
+                   for s, t in zip(logits, t_logits)) / loops
+
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_aux = teacher(x, loops=loops, return_aux=True)
+    if cfg['phase'] == 'distill':
+        pairs = [(s, t) for sl, tl in zip(aux['attn'], teacher_aux['attn']) for s, t in zip(sl, tl)]
+        return kl(teacher_aux) + cfg['distill_beta'] * sum(((s - t) ** 2).mean() for s, t in pairs) / len(pairs)
+    lam = torch.sigmoid(aux['exit_logits'])
+    if cfg['objective'] == 'ouro':  # p_t = lambda_t prod_{j<t}(1 - lambda_j); the last loop takes the rest
+        p = torch.stack([lam[..., t] * torch.prod(1 - lam[..., :t], -1) if t < loops - 1
+                         else torch.prod(1 - lam[..., :t], -1) for t in range(loops)], dim=-1)
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+        loss = (((p * ce).sum(-1) - cfg['exit_beta'] * entropy) * mask).sum() / counted
+    else:  # depth: loop k learns the problems of at most k + 1 hops, the last loop all
+        learns = [mask * (depth <= k + 1) if k < loops - 1 else mask for k in range(loops)]
+        loss = sum((ce[..., k] * learns[k]).sum() / learns[k].sum().clamp_min(1) for k in range(loops)) / loops
+        done = ((ce[..., :-1] - ce[..., -1:]) < 0.1).to(ce.dtype).detach()
+        bce = -(done * torch.log(lam[..., :-1]) + (1 - done) * torch.log(1 - lam[..., :-1]))
+        loss = loss + cfg['exit_weight'] * (bce.mean(-1) * mask).sum() / counted
+    if teacher is not None:
+        loss = loss + cfg['kd_weight'] * kl(teacher_aux)
+    return loss
+
+
 # ----------------------------------------------------------------------------------------
 # Ouro folders in and out
 

@@ -65,6 +65,8 @@ class Chunk(NamedTuple):
     n_seen: int  # cached rows the chunk attends to, its own included
     cache: object  # a KVCache (inference) or a ChunkMemory (a forward without a cache)
     alpha: float
+    index: int  # the chunk's number in this forward: ChunkMemory keeps its pieces by it
+    recompute_attention: bool  # training past the first chunk: backward recomputes the attention
 
 
 class KVCache:
@@ -125,7 +127,8 @@ class ChunkMemory:
     Autograd then holds every token's K/V once; attention joins the pieces inside activation
     checkpointing, so backward recomputes the join instead of storing one per chunk.
     Gradients flow into earlier chunks' K/V (the paper does not say; a stop-gradient is the
-    other choice)."""
+    other choice). Pieces are kept by chunk index, so a block that backward recomputes
+    (MELT.recompute_blocks) writes and reads the very same ones."""
 
     def __init__(self, n_layer, loops, alpha):
         self.alpha, self.length = alpha, 0
@@ -137,12 +140,13 @@ class ChunkMemory:
 
     def write(self, layer, k, v, chunk, loop=None):
         """As KVCache.write; MELT's K/V join the kept pieces at commit(), the LoopLM's at once."""
+        c = chunk.index
         if loop is None:
             self.pending[layer] = (k, v)
-            return self.k[layer] + [k], self.v[layer] + [v]
-        self.k_loop[loop][layer].append(k)
-        self.v_loop[loop][layer].append(v)
-        return list(self.k_loop[loop][layer]), list(self.v_loop[loop][layer])
+            return self.k[layer][:c] + [k], self.v[layer][:c] + [v]
+        self.k_loop[loop][layer][c:c + 1] = [k]  # appends; a recomputed block replaces its own piece
+        self.v_loop[loop][layer][c:c + 1] = [v]
+        return self.k_loop[loop][layer][:c + 1], self.v_loop[loop][layer][:c + 1]
 
     def commit(self, n_tokens, loops_run):  # Q-exit is for a KVCache: every loop has run here
         if self.k is not None:
@@ -198,8 +202,10 @@ class KVGate(nn.Module):
         """x (B, T, d): this loop's attention input; h_prev: the latent of the loop before."""
         if self.learned:
             z = torch.sigmoid(self.w_z(x) + self.u_z(h_prev) + self.b_z)
-        else:  # loop is 0-based: h_prev holds loops 1..loop
-            z = {'last': 0.0, 'first': 1.0, 'mean': loop / (loop + 1), 'ema': self.ema_z}[self.kind]
+        elif self.kind == 'mean':  # loop is 0-based: h_prev holds loops 1..loop
+            z = loop / (loop + 1)
+        else:
+            z = {'last': 0.0, 'first': 1.0, 'ema': self.ema_z}[self.kind]
         return torch.lerp(x, h_prev, z)  # = z * h_prev + (1 - z) * x, in one operation
 
 
@@ -215,32 +221,41 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.kv_gate = KVGate(config.n_embd, config.gate, config.ema_z) if config.kv_sharing == 'melt' else None
 
-    def project_kv(self, h, chunk):
+    def project_kv(self, h, rope):
         B, T, _ = h.shape
         k = self.k_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rope(k, chunk.rope), v  # (B, nkv, T, hs)
+        return apply_rope(k, rope), v  # (B, nkv, T, hs)
 
-    def forward(self, x, h, loop, chunk):
+    def project(self, x, h, loop, rope, melt, looplm):
         """x: this layer's normed attention input (B, T, d); h: MELT's latent, the gated
-        attention input of the loop before (None at loop 1). Returns the attention output
-        and this loop's latent."""
+        attention input of the loop before (None at loop 1). The query always comes from x;
+        MELT's keys and values from the gated latent h (melt), the LoopLM's from x (looplm);
+        phase 1 makes both. Returns (q, MELT's (k, v) or None, the LoopLM's or None, h)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, chunk.rope)  # (B, nh, T, hs): the query always comes from x
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), rope)  # (B, nh, T, hs)
         kv_melt = kv_loop = None
-        if chunk.alpha > 0:  # MELT: keys and values from the gated latent h (h^1 = x^1, a guess)
-            h = x if h is None else self.kv_gate(x, h, loop)
-            kv_melt = chunk.cache.write(self.layer, *self.project_kv(h, chunk), chunk)
-        if chunk.alpha < 1:  # LoopLM: keys and values from x, one cache per loop
-            kv_loop = chunk.cache.write(self.layer, *self.project_kv(x, chunk), chunk, loop)
+        if melt:
+            h = x if h is None else self.kv_gate(x, h, loop)  # h^1 = x^1 (a guess)
+            kv_melt = self.project_kv(h, rope)
+        if looplm:
+            kv_loop = self.project_kv(x, rope)
+        return q, kv_melt, kv_loop, h
+
+    def forward(self, q, kv_melt, kv_loop, loop, chunk):
+        """The chunk's K/V written into its rows of the cache, then q attends to rows up to its
+        own. Returns (B, T, nh * hs), before o_proj."""
+        B, _, T, _ = q.shape
+        if kv_melt is not None:
+            kv_melt = chunk.cache.write(self.layer, *kv_melt, chunk)
+        if kv_loop is not None:
+            kv_loop = chunk.cache.write(self.layer, *kv_loop, chunk, loop)
         args = (q, kv_melt, kv_loop, chunk.alpha, chunk.mask, chunk.is_causal, self.n_head // self.n_kv_head)
-        if torch.is_grad_enabled() and chunk.cache.length > 0:  # training past the first chunk
+        if chunk.recompute_attention:
             y = checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
         else:
             y = attend(*args)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o_proj(y), h
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -269,11 +284,21 @@ class Block(nn.Module):
         self.mlp_norm_out = RMSNorm(config.n_embd, config.norm_eps)
 
     def forward(self, x, h, loop, chunk):
-        a, h = self.attn(self.attn_norm_in(x), h, loop, chunk)
-        attn_out = self.attn_norm_out(a)  # what phase 2 aligns: the sublayer's output (a guess)
-        x = x + attn_out
-        x = x + self.mlp_norm_out(self.mlp(self.mlp_norm_in(x)))
+        """x (B, T, d): the residual stream; h: MELT's latent of the loop before (or None).
+        Only the attention in the middle touches the cache; the two parts around it are plain
+        per-token math, the same for every layer and loop (MELT.compile_blocks compiles them)."""
+        q, kv_melt, kv_loop, h = self.before_attention(x, h, loop, chunk.rope, chunk.alpha > 0, chunk.alpha < 1)
+        y = self.attn(q, kv_melt, kv_loop, loop, chunk)
+        x, attn_out = self.after_attention(x, y)
         return x, h, attn_out
+
+    def before_attention(self, x, h, loop, rope, melt, looplm):
+        return self.attn.project(self.attn_norm_in(x), h, loop, rope, melt, looplm)
+
+    def after_attention(self, x, y):
+        attn_out = self.attn_norm_out(self.attn.o_proj(y))  # what phase 2 aligns: the sublayer's output (a guess)
+        x = x + attn_out
+        return x + self.mlp_norm_out(self.mlp(self.mlp_norm_in(x))), attn_out
 
 
 @dataclass
@@ -338,6 +363,8 @@ class MELT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
+        self.recompute_blocks = False  # training: backward recomputes each (loop, layer) block instead of keeping its activations
+        self.blocks_compiled = False  # set by compile_blocks
         self.apply(self._init_weights)
         self.reset_gates()
 
@@ -375,6 +402,17 @@ class MELT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def compile_blocks(self, **options):
+        """torch.compile the two parts of every block around its attention (regional
+        compilation). They hold no cache and no per-layer value, so one compiled code serves
+        every layer and every loop: compile time does not grow with n_layer x loops, and no
+        cache length enters a compiled graph, so a longer generation recompiles nothing."""
+        for block in self.layers:
+            block.before_attention = torch.compile(block.before_attention, **options)
+            block.after_attention = torch.compile(block.after_attention, **options)
+        self.blocks_compiled = True
+        return self
+
     def new_cache(self, batch_size, max_tokens=None, loops=None, alpha=None):
         """An empty KVCache for up to max_tokens tokens (default block_size), allocated now on
         the model's device and in its dtype. A LoopLM cache is made for one loop count."""
@@ -401,11 +439,14 @@ class MELT(nn.Module):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         return alpha
 
-    def _check_call(self, idx, loops, chunk_size, alpha, cache, return_aux, exit_threshold):
+    def _check_call(self, idx, targets, loops, chunk_size, alpha, cache, return_aux, exit_threshold, last_only):
         """The arguments of forward, checked; returns (loops, alpha, chunk_size, cache)."""
         B, T = idx.shape
         if exit_threshold is not None and (return_aux or not isinstance(cache, KVCache)):
             raise ValueError("exit_threshold (Q-exit) is for decoding into a KVCache, without return_aux")
+        if return_aux and (targets is not None or last_only):
+            raise ValueError("return_aux returns every loop's states for the caller's own losses: "
+                             "it takes no targets and no last_only")
         loops = self._check_loops(loops)
         if cache is None:  # lives for this call only
             alpha = self._check_alpha(alpha)
@@ -437,40 +478,42 @@ class MELT(nn.Module):
         next chunk starts, so a chunk sees the FINAL K/V of earlier chunks (the paper's
         chunk-wise training; chunk_size=1 is exact decoding). With a KVCache the new tokens
         are appended to it (prefill or decode), and no gradients are recorded.
-        Returns (logits of the last loop run (B, T, V), or (B, 1, V) with last_only, loss);
-        with return_aux also a dict with 'logits' and 'exit_logits' of every loop and
-        'attn' = [loop][layer] attention outputs (for training: kept for every token)."""
-        loops, alpha, chunk_size, cache = self._check_call(idx, loops, chunk_size, alpha, cache, return_aux,
-                                                           exit_threshold)
+        Returns (logits of the last loop run (B, T, V), or (B, 1, V) with last_only, loss).
+        With return_aux it returns only a dict for training's losses: every loop's normed
+        'states' (B, T, d), 'exit_logits' (B, T, loops), 'attn' = [loop][layer] attention
+        outputs, and the LM head's weight 'head'. It holds no logits: a loss makes each loop's
+        from its state, a few tokens at a time, since with a large vocabulary every loop's
+        logits at once are most of a training step's memory."""
+        loops, alpha, chunk_size, cache = self._check_call(idx, targets, loops, chunk_size, alpha, cache, return_aux,
+                                                           exit_threshold, last_only)
         aux = {'states': [[] for _ in range(loops)],
                'attn': [[[] for _ in self.layers] for _ in range(loops)]} if return_aux else None
         outputs = []  # the last loop's normed state of each chunk
         with torch.no_grad() if isinstance(cache, KVCache) else nullcontext():
-            for start in range(0, idx.size(1), chunk_size):
+            for index, start in enumerate(range(0, idx.size(1), chunk_size)):
                 x = self.embed_tokens(idx[:, start:start + chunk_size])
-                x, loops_run = self._run_chunk(x, cache, loops, alpha, exit_threshold, aux)
+                x, loops_run = self._run_chunk(x, cache, loops, alpha, exit_threshold, aux, index=index)
                 cache.commit(x.size(1), loops_run)
                 outputs.append(x[:, -1:] if last_only else x)
+        if return_aux:
+            states = [torch.cat(per_chunk, dim=1) for per_chunk in aux['states']]
+            return {'states': states,
+                    'exit_logits': torch.cat([self.exit_gate(s) for s in states], dim=-1),  # (B, T, loops)
+                    'attn': [[torch.cat(per_chunk, dim=1) for per_chunk in per_layer] for per_layer in aux['attn']],
+                    'head': self.lm_head.weight.view_as(self.lm_head.weight)}  # (V, d); a view, so DDP sees the head used
         logits = self.lm_head(outputs[-1] if last_only else torch.cat(outputs, dim=1))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
-        if not return_aux:
-            return logits, loss
-        states = [torch.cat(per_chunk, dim=1) for per_chunk in aux['states']]
-        return logits, loss, {
-            'logits': [self.lm_head(s) for s in states[:-1]] + [logits],
-            'exit_logits': torch.cat([self.exit_gate(s) for s in states], dim=-1),  # (B, T, loops)
-            'attn': [[torch.cat(per_chunk, dim=1) for per_chunk in per_layer] for per_layer in aux['attn']],
-        }
+        return logits, loss
 
-    def _run_chunk(self, x, cache, loops, alpha, exit_threshold=None, aux=None, pos=None):
-        """All loops of one chunk x (B, T, d). Returns the last loop's normed state and the
-        number of loops run; keeps nothing of earlier loops unless `aux` collects them. With
-        exit_threshold q the chunk stops at the first loop where every token's cumulative
-        exit probability reaches q (Ouro's Q-exit). `pos` (decode_step) fixes the shapes:
-        the chunk then attends to the whole buffer through a mask."""
+    def _run_chunk(self, x, cache, loops, alpha, exit_threshold=None, aux=None, pos=None, index=0):
+        """All loops of one chunk x (B, T, d), the index-th of its forward. Returns the last
+        loop's normed state and the number of loops run; keeps nothing of earlier loops unless
+        `aux` collects them. With exit_threshold q the chunk stops at the first loop where every
+        token's cumulative exit probability reaches q (Ouro's Q-exit). `pos` (decode_step)
+        fixes the shapes: the chunk then attends to the whole buffer through a mask."""
         T = x.size(1)
         static = pos is not None
         if not static:
@@ -481,12 +524,19 @@ class MELT(nn.Module):
         if (T > 1 or static) and not is_causal:
             mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
         rows = pos if static else slice(cache.length, cache.length + T)
-        chunk = Chunk((self.rope_cos[pos], self.rope_sin[pos]), mask, is_causal, rows, n_seen, cache, alpha)
+        training = torch.is_grad_enabled()
+        recompute = training and self.recompute_blocks
+        chunk = Chunk((self.rope_cos[pos], self.rope_sin[pos]), mask, is_causal, rows, n_seen, cache, alpha, index,
+                      recompute_attention=training and index > 0 and not recompute)
         h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
         exit_logits = []  # Q-exit: every loop's, (B, T, 1)
         for loop in range(loops):
             for layer, block in enumerate(self.layers):
-                x, h[layer], attn_out = block(x, h[layer], loop, chunk)
+                if recompute:  # activation checkpointing: keep the block's inputs, recompute the rest in backward
+                    x, h[layer], attn_out = checkpoint(block, x, h[layer], loop, chunk, use_reentrant=False,
+                                                       preserve_rng_state=False)
+                else:
+                    x, h[layer], attn_out = block(x, h[layer], loop, chunk)
                 if aux is not None:
                     aux['attn'][loop][layer].append(attn_out)
             x = self.norm(x)  # the final norm after every loop feeds the next loop

@@ -6,11 +6,12 @@ $ python sample.py --loops 8                        any loop count, e.g. 8 on a 
 $ python sample.py --kv_sharing loop                the same weights with the LoopLM's cache, to compare
 $ python sample.py --init_from=ouro:/path/to/Ouro-1.4B-Thinking --chat --thinking --start "What is 17*23?"
 $ python sample.py --exit_threshold 0.9             Ouro's Q-exit: a token stops looping early
-$ python sample.py --compile                        a compiled decode step (slow to compile; for long runs)
+$ python sample.py --compile                        decode with compiled blocks (compiles once, 10-20 s on a CPU)
 
 Options as --key=value or --key value.
 """
 import os
+from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
@@ -35,7 +36,7 @@ chunk_size = 0  # MELT's prefill chunk size; 0: the model's own
 chat = False  # wrap the prompt in Ouro's ChatML (ouro:PATH)
 thinking = False  # with --chat: '<think>\n' after the assistant header, for -Thinking models
 exit_threshold = 0.0  # Q-exit threshold q in (0, 1]; 0: run every loop
-compile = False  # decode with torch.compile(model.decode_step): static shapes, CUDA graphs on GPU
+compile = False  # decode with compiled blocks (model.compile_blocks: compiled once for every layer and loop)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
@@ -56,8 +57,10 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     """Prefill the prompt chunk-wise into a cache, then decode one token at a time.
     top_k=1 is greedy. The cache is sized to prompt + new tokens - 1 (the last token is
     never run); pass your own empty one to read cache.nbytes and cache.loops_run
-    afterwards. decode_step: a compiled model.decode_step (sample.py --compile) instead
-    of the eager forward. Returns idx (B, T + new tokens)."""
+    afterwards. After model.compile_blocks() decoding runs compiled and the prefill eagerly
+    (its shapes change with every prompt, and its large matmuls gain little from compiling).
+    decode_step: a step with fixed shapes in place of the forward, e.g. model.decode_step
+    replayed as one CUDA graph (bench.py --cuda_graph). Returns idx (B, T + new tokens)."""
     B, T = idx.shape
     needed = positions_run(model, T, max_new_tokens)
     if temperature <= 0:
@@ -72,10 +75,8 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
         raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
     if cache.max_tokens < needed:
         raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call needs {needed}")
-    if decode_step is not None:  # the compiled step writes into these buffers in place
-        for buf in cache.buffers():
-            torch._dynamo.mark_static_address(buf)
-    logits, _ = model(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
+    with torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():
+        logits, _ = model(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
     for step in range(max_new_tokens):
         logits = logits[:, -1, :].float() / temperature
         if top_k is not None:
@@ -89,7 +90,7 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
             logits, _ = model(idx_next, loops=loops, cache=cache, exit_threshold=exit_threshold)
         else:
             pos = torch.tensor([cache.length], device=idx.device)
-            logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: CUDA graphs reuse outputs
+            logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: a CUDA graph reuses its output
             cache.commit(1, loops)
     return idx
 
@@ -183,18 +184,14 @@ def main(argv):
             raise ValueError("the prompt (--start) is empty: give at least one token of text")
         prompts = [(ids, '')] * cfg['num_samples']
         new_tokens = cfg['max_new_tokens'] or model.config.block_size - len(ids) + 1  # the last one is not run
-    if cfg['compile'] and cfg['exit_threshold']:
-        raise ValueError("--exit_threshold stops loops per token, which a compiled step cannot; drop --compile")
-    step = None
     if cfg['compile']:
-        cuda = cfg['device'].startswith('cuda')
-        step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
+        model.compile_blocks()
     for ids, note in prompts:
         cache = model.new_cache(1, max_tokens=positions_run(model, len(ids), new_tokens), loops=loops)
         y = generate(model, torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                            chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,
-                           stop_tokens=codec.stop, cache=cache, decode_step=step)
+                           stop_tokens=codec.stop, cache=cache)
         print(codec.decode(y[0].tolist()) + note)
         print('---------------')
     print(memory_line(model, cache, loops))

@@ -42,7 +42,7 @@ def test_process_memory_of_prefill_and_decode_does_not_grow_with_loops():
     every way of sharing the K/V (GATES)."""
     shape = dict(vocab_size=256, block_size=1024, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, n_hidden=352, n_loops=4)
     runs = {(gate, loops): bench.run_child('generate', {**shape, 'gate': 'element' if gate == 'loop' else gate},
-                                           'loop' if gate == 'loop' else 'melt', loops, 1020, 4, 64, 'cpu', False)
+                                           'loop' if gate == 'loop' else 'melt', loops, 1020, 4, 64, 'cpu', '')
             for gate in ('loop',) + GATES for loops in (1, 8)}
     growth = {key: r['prefill_peak'] - r['base'] for key, r in runs.items()}
     loop_growth = growth['loop', 8] - growth['loop', 1]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from configurator import DTYPES, check_choice, check_device, parse_args, read_config_file, run_script
 from data.reason import prepare as reason
@@ -84,7 +85,8 @@ distill_beta = 0.1  # phase 2: weight of the attention-output alignment
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype on GPU
-compile = False
+compile = False  # torch.compile each block's two regions once, for every layer and loop (MELT.compile_blocks)
+activation_checkpointing = False  # backward recomputes each (loop, layer) block: less memory, about 1/3 more compute
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 PHASES = ('loop', 'transition', 'distill')
@@ -206,15 +208,47 @@ def batch_seed(seed, iter_num, micro_step, split='train'):
 # -----------------------------------------------------------------------------
 # losses
 
+# the most logits a loss makes at once (per_token): 16 MiB in fp32 on the CPU; on a GPU more, since
+# fewer and larger matmuls keep it busy (our choice)
+LOGITS_PER_SLICE = {'cpu': 2**22, 'cuda': 2**26}
+
+
+def per_token(fn, vocab_size, *tensors):
+    """fn(*slices) -> (n,) per-token values for (B, T, ...) tensors, a slice of n tokens at a
+    time, each inside activation checkpointing: only one slice's (n, vocab) logits exist at
+    once, and backward recomputes them from the slice's states. Returns (B, T)."""
+    B, T = tensors[0].shape[:2]
+    flat = [t.reshape(B * T, *t.shape[2:]) for t in tensors]
+    n_slices = math.ceil(B * T * vocab_size / LOGITS_PER_SLICE.get(tensors[0].device.type, 2**22))
+    n = math.ceil(B * T / n_slices)
+    if not torch.is_grad_enabled():
+        return torch.cat([fn(*(t[i:i + n] for t in flat)) for i in range(0, B * T, n)]).view(B, T)
+    return torch.cat([checkpoint(fn, *(t[i:i + n] for t in flat), use_reentrant=False, preserve_rng_state=False)
+                      for i in range(0, B * T, n)]).view(B, T)
+
+
+def wide(t):
+    """t in fp32 for a loss, or kept in its own dtype where that is wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def token_ce(logits, targets):
-    """Per-token cross entropy (B, T); tokens with target -1 get a value the caller masks."""
-    return F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction='none')
+    """Per-token cross entropy (n,) of logits (n, V); tokens with target -1 get a value the caller masks."""
+    return F.cross_entropy(wide(logits), targets.clamp(min=0), reduction='none')
+
+
+def loop_ce(aux, targets):
+    """Every loop's per-token CE (B, T, loops), each loop's logits lm_head(state) made a
+    slice of tokens at a time (per_token)."""
+    head = aux['head']
+    return torch.stack([per_token(lambda s, y: token_ce(F.linear(s, head), y), head.size(0), state, targets)
+                        for state in aux['states']], dim=-1)
 
 
 def exit_distribution(exit_logits):
     """Ouro's exit distribution over loops from the per-loop gate logits (..., L):
     p_t = lambda_t * prod_{j<t}(1 - lambda_j) for t < L, and p_L = prod_{j<L}(1 - lambda_j)."""
-    lam = torch.sigmoid(exit_logits.float())
+    lam = torch.sigmoid(wide(exit_logits))
     survive = still_looping(lam)  # melt.py's Q-exit uses the same product
     survive_before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
     lam = torch.cat([lam[..., :-1], torch.ones_like(lam[..., -1:])], dim=-1)  # last loop takes the rest
@@ -224,7 +258,7 @@ def exit_distribution(exit_logits):
 def ouro_loss(aux, targets, beta):
     """Ouro's objective: sum_t p_t * CE_t - beta * H(p), averaged over the counted tokens."""
     p = exit_distribution(aux['exit_logits'])  # (B, T, loops)
-    ce = torch.stack([token_ce(lg, targets) for lg in aux['logits']], dim=-1)  # (B, T, loops)
+    ce = loop_ce(aux, targets)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
     mask = (targets >= 0).float()
     counted = mask.sum().clamp_min(1)
@@ -238,7 +272,7 @@ def depth_loss(aux, targets, depth, exit_weight):
     for hop k and no loop for a one-pass guess. The exit gate learns, by BCE, whether loop k
     already answers as well as the last loop (its CE within 0.1 nats), for Q-exit."""
     mask = (targets >= 0).float()
-    ce = torch.stack([token_ce(lg, targets) for lg in aux['logits']], dim=-1)  # (B, T, loops)
+    ce = loop_ce(aux, targets)
     n = ce.size(-1)
     learns = torch.stack([mask * (depth <= k + 1) if k < n - 1 else mask for k in range(n)], dim=-1)
     loss = ((ce * learns).sum((0, 1)) / learns.sum((0, 1)).clamp_min(1)).mean()  # mean over loops
@@ -246,7 +280,8 @@ def depth_loss(aux, targets, depth, exit_weight):
     parts = {'ce': (ce[..., -1] * mask).sum() / counted}
     if n > 1:
         done = (ce[..., :-1] - ce[..., -1:]).detach() < 0.1
-        bce = F.binary_cross_entropy_with_logits(aux['exit_logits'][..., :-1].float(), done.float(), reduction='none')
+        exit_logits = wide(aux['exit_logits'][..., :-1])
+        bce = F.binary_cross_entropy_with_logits(exit_logits, done.to(exit_logits.dtype), reduction='none')
         parts['exit'] = (bce.mean(-1) * mask).sum() / counted
         loss = loss + exit_weight * parts['exit']
     return loss, parts
@@ -268,12 +303,19 @@ def objective_loss(cfg, aux, targets, depth):
     return ouro_loss(aux, targets, cfg['exit_beta'])
 
 
+def token_kl(student_logits, teacher_logits):
+    """KL(teacher || student) of the next-token distributions, per token (n,)."""
+    return F.kl_div(F.log_softmax(wide(student_logits), -1), F.log_softmax(wide(teacher_logits), -1),
+                    log_target=True, reduction='none').sum(-1)
+
+
 def kl_every_loop(student_aux, teacher_aux):
-    """KL(teacher || student) of the next-token distributions, averaged over tokens and over
-    every loop's exit (the paper does not say which exits; we take all)."""
-    kls = [F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
-                    reduction='none').sum(-1).mean()
-           for s, t in zip(student_aux['logits'], teacher_aux['logits'])]
+    """KL(teacher || student), averaged over tokens and over every loop's exit (the paper
+    does not say which exits; we take all). Each loop's logits, the teacher's too, are made
+    a slice of tokens at a time (per_token)."""
+    head, teacher_head = student_aux['head'], teacher_aux['head']
+    kls = [per_token(lambda s, t: token_kl(F.linear(s, head), F.linear(t, teacher_head)), head.size(0), s, t).mean()
+           for s, t in zip(student_aux['states'], teacher_aux['states'])]
     return sum(kls) / len(kls)
 
 
@@ -281,7 +323,7 @@ def attention_alignment(student_aux, teacher_aux):
     """1/(N*T) sum over layers and loops of ||o_MELT - stopgrad(o_LoopLM)||^2, the squared
     norm taken as a mean over tokens and channels (the paper's scale is not given)."""
     pairs = [(s, t) for s_loop, t_loop in zip(student_aux['attn'], teacher_aux['attn']) for s, t in zip(s_loop, t_loop)]
-    return sum(F.mse_loss(s.float(), t.detach().float()) for s, t in pairs) / len(pairs)
+    return sum(F.mse_loss(wide(s), wide(t.detach())) for s, t in pairs) / len(pairs)
 
 
 def alpha_at(cfg, iter_num):
@@ -296,12 +338,12 @@ def phase_loss(cfg, model, teacher_model, batch, alpha):
     None unless the phase distills (distill, or the transition with kd_weight > 0)."""
     x, y, depth = batch
     if cfg['phase'] == 'loop':
-        _, _, aux = model(x, loops=cfg['loops'], return_aux=True)
+        aux = model(x, loops=cfg['loops'], return_aux=True)
         return objective_loss(cfg, aux, y, depth)
-    _, _, aux = model(x, loops=cfg['loops'], chunk_size=cfg['chunk_size'], alpha=alpha, return_aux=True)
+    aux = model(x, loops=cfg['loops'], chunk_size=cfg['chunk_size'], alpha=alpha, return_aux=True)
     if teacher_model is not None:
         with torch.no_grad():
-            _, _, teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
+            teacher_aux = teacher_model(x, loops=cfg['loops'], return_aux=True)
     if cfg['phase'] == 'distill':
         kl, align = kl_every_loop(aux, teacher_aux), attention_alignment(aux, teacher_aux)
         return kl + cfg['distill_beta'] * align, {'kl': kl, 'attn': align}
@@ -311,6 +353,55 @@ def phase_loss(cfg, model, teacher_model, batch, alpha):
         parts['kd'] = kl_every_loop(aux, teacher_aux)
         loss = loss + cfg['kd_weight'] * parts['kd']
     return loss, parts
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and utilisation (nanoGPT's estimate_mfu, for a looped model)
+
+def mean_keys(T, chunk):
+    """Keys a token's attention is handed, averaged over a row of T tokens in chunks: its own
+    chunk's and every earlier chunk's rows (not halved for causality, as nanoGPT and PaLM count)."""
+    return sum(min(chunk, T - start) * min(start + chunk, T) for start in range(0, T, chunk)) / T
+
+
+def forward_flops_per_token(config, loops, T, chunk, melt, looplm):
+    """Matmul FLOPs (2 per multiply-add) of one token's forward through every loop: each
+    layer's projections (with MELT's K/V, the LoopLM's, or in phase 1 both), attention over
+    mean_keys, MELT's learned gate from loop 2 on, the exit gate and the LM head (every loop's
+    logits feed a loss)."""
+    d, hs, nh, nkv = config.n_embd, config.head_dim, config.n_head, config.n_kv_head
+    layer = (2 * d * hs * (2 * nh + 2 * nkv * (melt + looplm)) + 6 * d * config.n_hidden
+             + 4 * nh * hs * mean_keys(T, chunk))
+    gate = 4 * d * (d if config.gate == 'element' else 1) if melt and config.gate in ('element', 'scalar') else 0
+    return loops * (config.n_layer * layer + 2 * d * (config.vocab_size + 1)) + (loops - 1) * config.n_layer * gate
+
+
+def step_flops_per_token(cfg, model, teacher_model, alpha):
+    """One training step's FLOPs per token: the student's forward and backward (3 forwards)
+    and the teacher's forward. Recomputation (activation checkpointing, the losses' logits)
+    is not counted: this is model FLOPs, as MFU is defined."""
+    T, loops = cfg['block_size'], cfg['loops']
+    if model.config.kv_sharing == 'loop':
+        student = forward_flops_per_token(model.config, loops, T, T, False, True)
+    else:
+        student = forward_flops_per_token(model.config, loops, T, cfg['chunk_size'], alpha > 0, alpha < 1)
+    teacher = forward_flops_per_token(teacher_model.config, loops, T, T, False, True) if teacher_model else 0
+    unused = 2 * loops * 2 * model.config.n_embd if cfg['phase'] == 'distill' else 0  # no backward: distill's loss has no exit gate
+    return 3 * student - unused + teacher
+
+
+# dense bf16 tensor-core peak per GPU (NVIDIA's data sheets), matched in order against the device's name
+PEAK_BF16_FLOPS = (('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12))
+
+
+def utilisation(flops_per_s, device):
+    """Achieved TFLOP/s, and on a GPU of PEAK_BF16_FLOPS the model FLOPs utilisation (MFU)."""
+    achieved = f"{flops_per_s / 1e12:.3f} TFLOP/s"
+    if not device.startswith('cuda'):
+        return achieved
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    return achieved + (f", MFU {100 * flops_per_s / peak:.1f}%" if peak else f", MFU unknown (no bf16 peak for {name})")
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +416,7 @@ def load_checkpoint(path, device):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no ckpt.pt in {path!r}: train that phase first (e.g. python train.py --phase=loop)")
     try:
-        ckpt = torch.load(file, map_location=device, weights_only=False)
+        ckpt = torch.load(file, map_location=device, weights_only=False, mmap=True)  # pages read when used
     except Exception as e:  # truncated, empty or not a checkpoint: torch.load raises many kinds
         raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
@@ -496,7 +587,7 @@ def train(cfg):
     model.to(device)
     teacher_model = None
     if uses_teacher(cfg):
-        teacher_model, _ = load_model(cfg['teacher'], 'loop', cfg, data.meta)
+        teacher_model = load_model(cfg['teacher'], 'loop', cfg, data.meta)[0]
         student, teacher = model.config, teacher_model.config
         shape = ('vocab_size',) + MODEL_FLAGS
         if any(getattr(student, k) != getattr(teacher, k) for k in shape):
@@ -512,10 +603,14 @@ def train(cfg):
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group['base_lr'] = base_lr  # this run's learning rates, not the saved ones
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    del ckpt  # the loaded checkpoint's weights and optimizer state are not kept beside the model's own
     scaler = torch.amp.GradScaler(enabled=(cfg['dtype'] == 'float16'))
     raw_model = model
-    if cfg['compile']:
-        model = torch.compile(model)
+    raw_model.recompute_blocks = cfg['activation_checkpointing']
+    if cfg['compile']:  # regional: one compiled code for every (loop, layer), the teacher's too
+        for m in (raw_model, teacher_model):
+            if m is not None:
+                m.compile_blocks()
     if ddp:
         # at alpha = 0 the gates take no part, hence find_unused_parameters for the MELT phases
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
@@ -593,8 +688,10 @@ def train(cfg):
             dt = time.time() - t0
             steps = 1 if iter_num == 0 else cfg['log_interval']
             extra = ', '.join(f"{k} {v:.4f}" for k, v in parts_sum.items() if k != 'loss')
+            tok_s = tokens_per_iter * steps / dt
+            flops_s = step_flops_per_token(cfg, raw_model, teacher_model, alpha_at(cfg, iter_num)) * tok_s / world
             print(f"iter {iter_num}: loss {parts_sum['loss']:.6f} ({extra}), lr {optimizer.param_groups[0]['lr']:.2e}, "
-                  f"{dt * 1000 / steps:.1f} ms/iter, {tokens_per_iter * steps / dt:,.0f} tok/s", flush=True)
+                  f"{dt * 1000 / steps:.1f} ms/iter, {tok_s:,.0f} tok/s, {utilisation(flops_s, device)}", flush=True)
             t0 = time.time()
         iter_num += 1
     if ddp:  # every rank waits for the master's last save, and the DDP wrapper (with its gradient
