@@ -8,21 +8,34 @@ What a user asks of MELT against the LoopLM, as small tables:
    loop count, each run in a process of its own. Peak memory of the prefill and of the
    decode (RSS on CPU, the CUDA peak on GPU) next to weights + KV, prefill seconds and decode
    ms/token (on GPU also the bandwidth limit: bytes read per token / 4.8 TB/s).
-3. Training step (forward + backward) of MELT's chunk-wise forward for several chunk sizes
-   against the LoopLM's parallel step: time and peak memory (bytes allocated, and RSS), each
-   in a process of its own.
+3. Training steps of each phase (loop, transition, distill) at a real vocabulary, with and
+   without activation checkpointing: time, tokens/s, TFLOP/s (MFU on a GPU), peak memory
+   (bytes allocated, and RSS) and bytes per token, each in a process of its own.
+4. A training step of MELT's chunk-wise forward for several chunk sizes against the
+   LoopLM's parallel step: time and peak memory.
+5. Compiling (--only=compile): model.compile_blocks on 24 layers x 4 loops, in a fresh
+   process with an empty compile cache: seconds to the first tokens, to a generation of
+   another length, compiled against eager decoding, and whether their tokens are equal.
+6. train.py itself (--only=train_script): each phase at Ouro's vocabulary, with and without
+   activation checkpointing, as a process of its own: its peak RSS, s/iter, first loss.
 
-$ python bench.py                                   all three, on the tiny model (CPU: ~2 min)
+$ python bench.py                                   1 to 4 on the tiny model (CPU: ~5 min)
+$ python bench.py --only=compile
+$ python bench.py --only=train_script                 train.py's peak RSS per phase (1 thread: ~6 min)
 $ python bench.py --only=generate --prompt_tokens=4096 --loops=4
 $ python bench.py --model=ouro-1.4b --only=memory   the paper's memory figures (bf16, 32,000 tokens)
 $ python bench.py --model=ouro-1.4b --device=cuda --only=generate --prompt_tokens=32000 --new_tokens=12 --cuda_graph
+$ python bench.py --model=ouro-1.4b --layers=1 --only=phases --train_tokens=256   the 1.4B width, one layer, on a CPU
 $ python bench.py --model=out/distill               a checkpoint's shape
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -32,7 +45,7 @@ from sample import generate
 
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
-only = ''  # '' (all) | memory | generate | train
+only = ''  # '' (1 to 4) | memory | generate | train (3 and 4) | phases (3) | compile | train_script
 context = 32_000  # tokens for the memory table's totals (the paper's "32K" is 32,000: 6.29 GB)
 bytes_per_element = 2  # bf16, as the paper counts
 prompt_tokens = 2048
@@ -42,9 +55,11 @@ loops = ''  # generation's loop counts, e.g. '4' or '1,4,8'; '' = 1,4,8
 kv_sharing = 'melt,loop'  # generation's models: melt (one gated K/V per layer), loop (the LoopLM)
 train_tokens = 1024
 train_batch = 1
+train_vocab = 49152  # the training steps' vocabulary (Ouro's), whatever the model's; 0: the model's
+layers = 0  # a model of this many layers at the model's width (0: the model's own)
 threads = 0  # torch threads on CPU; 0 = torch's default
-compile = False  # generation: decode with torch.compile(model.decode_step) (CUDA graphs on GPU)
-cuda_graph = False  # generation on GPU: replay model.decode_step captured as one CUDA graph, no compile
+compile = False  # generation: decode through compiled blocks (model.compile_blocks)
+cuda_graph = False  # generation on GPU: replay model.decode_step captured as one CUDA graph (with --compile too)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -58,6 +73,8 @@ SHAPES = {
 }
 HBM_BYTES_PER_S = 4.8e12  # H200
 SERVING_BYTES = 80e9
+COMPILE_SHAPE = dict(vocab_size=512, block_size=1024, n_layer=24, n_head=4, n_kv_head=4, n_embd=64, n_hidden=176,
+                     n_loops=4)
 
 
 def peak_rss():
@@ -71,6 +88,15 @@ def reset_peak_rss():
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
     return peak_rss()
+
+
+def reset_peak(cuda):
+    """Start a new peak, CUDA's or the RSS's; returns the bytes held now."""
+    if not cuda:
+        return reset_peak_rss()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def model_shape(name):
@@ -154,11 +180,11 @@ def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compi
     model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, kv_sharing, device, dtype).eval()
     idx = torch.randint(0, shape['vocab_size'], (1, prompt), device=device)
     step = None
-    if compiled == 'compile':
-        step = torch.compile(model.decode_step, mode='reduce-overhead' if cuda else 'default', fullgraph=True)
-    with torch.no_grad():  # warm up kernels (and compile, for the measured cache's shapes) outside the measurement
+    if 'compile' in compiled:  # decoding through compiled blocks (the prefill stays eager, as in generate)
+        model.compile_blocks()
+    with torch.no_grad():  # warm up kernels (and compile) outside the measurement
         warm = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
-        generate(model, idx[:, :16], 4, loops=loops, top_k=1, cache=warm, decode_step=step)
+        generate(model, idx[:, :16], 4, loops=loops, top_k=1, cache=warm)
         del warm
 
     def sync():
@@ -169,23 +195,16 @@ def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compi
         sync()
         return torch.cuda.max_memory_allocated() if cuda else peak_rss()
 
-    def reset():
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        return reset_peak_rss()
-
-    base = reset()  # weights (and, on CPU, the process) before the cache exists
+    base = reset_peak(cuda)  # weights (and, on CPU, the process) before the cache exists
     cache = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
-    if compiled == 'cuda_graph':
+    if 'cuda_graph' in compiled:
         with torch.no_grad():
             step = cuda_graph_step(model, cache, loops)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():
         logits, _ = model(idx, loops=loops, chunk_size=chunk, cache=cache, last_only=True)
     prefill_peak, prefill_s = now_peak(), time.perf_counter() - t0
-    reset()
+    reset_peak(cuda)
     times = []
     with torch.no_grad():
         for _ in range(new - 1):
@@ -215,10 +234,10 @@ def read_bytes_per_token(shape, kv_sharing, loops, context, weights, element):
     return layer_weights * loops + V * d * element + kv_row * context * loops
 
 
-def run_child(kind, *args):
+def run_child(kind, *args, env=None):
     here = os.path.dirname(os.path.abspath(__file__))
     run = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, *args])],
-                         capture_output=True, text=True, cwd=here)
+                         capture_output=True, text=True, cwd=here, env={**os.environ, **(env or {})})
     if run.returncode:
         raise ChildProcessError(f"bench child {kind} {args[1:]} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -284,12 +303,7 @@ def measure_train(shape, kv_sharing, chunk, tokens, batch, device):
         _, loss = model(x, x, chunk_size=chunk)
         loss.backward()
 
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = reset_peak_rss()
+    base = reset_peak(cuda)
     step()
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     allocated = peak - base if cuda else peak_allocated(step)
@@ -303,6 +317,165 @@ def measure_train(shape, kv_sharing, chunk, tokens, batch, device):
     return {'seconds': min(times), 'peak': peak - base, 'allocated': allocated}
 
 
+def measure_phase_step(shape, phase, checkpointing, tokens, batch, device):
+    """One training step of a phase as train.py runs it (its phase_loss, backward, AdamW), in a
+    fresh process: seconds, the peak RSS (or CUDA memory) the step adds beyond the weights,
+    gradients and AdamW state, on CPU also the peak bytes its forward and backward allocate
+    (peak_allocated; AdamW's own temporaries, as large as the largest weight, left out), and
+    the model FLOPs per token (train.py's count)."""
+    import train  # the phases' losses; imported here, in the measuring process only
+    cuda = device.startswith('cuda')
+    cfg = train.phase_config(phase, {'loops': shape['n_loops'], 'block_size': tokens,
+                                     'chunk_size': min(shape.get('chunk_size', 64), tokens)})
+    cfg['objective'] = 'ouro'  # a real vocabulary's data has no depths
+    alpha = {'loop': 0.0, 'transition': 0.5, 'distill': 1.0}[phase]  # the transition half way: both caches
+    model = build({**shape, 'block_size': tokens}, 'loop' if phase == 'loop' else 'melt', device, torch.float32)
+    model.recompute_blocks = checkpointing
+    teacher = build({**shape, 'block_size': tokens}, 'loop', device, torch.float32, seed=1).requires_grad_(False) \
+        if train.uses_teacher(cfg) else None
+    optimizer = train.configure_optimizers(model, cfg, 'cuda' if cuda else 'cpu')
+    x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+
+    def forward_backward():
+        with ctx:
+            loss, _ = train.phase_loss(cfg, model, teacher, (x, x, None), alpha)
+        loss.backward()
+
+    def step():
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, so a step's peak is its activations
+
+    step()  # gradients and the optimizer's state are allocated, kernels are loaded
+    base = reset_peak(cuda)
+    times = []
+    for _ in range(2):  # the faster of two steps: one is noise on a shared machine
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = min(times)
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base
+    return {'seconds': seconds, 'peak': peak, 'allocated': peak if cuda else peak_allocated(forward_backward),
+            'flops_per_token': train.step_flops_per_token(cfg, model, teacher, alpha),
+            'device_name': torch.cuda.get_device_name() if cuda else 'cpu'}
+
+
+def phase_table(shape, tokens, batch, device):
+    import train
+    cuda = device.startswith('cuda')
+    n = batch * tokens
+    print(f"\n3. Training steps by phase: batch {batch} x {tokens} tokens, vocab {shape['vocab_size']:,}, "
+          f"{shape['n_loops']} loops, MELT in chunks of {min(shape.get('chunk_size', 64), tokens)}; forward, backward "
+          f"and AdamW; one process per row; peak {'CUDA memory allocated' if cuda else 'bytes allocated (forward and backward) and RSS'} "
+          f"grown during the step, beyond weights, gradients and AdamW state (MB = 10^6 bytes)")
+    print(f"   {'phase':<11} {'recompute':>9} {'ms/step':>9} {'tok/s':>7} {'throughput':>26} {'allocated':>10} "
+          f"{'bytes/token':>12}" + ('' if cuda else f" {'RSS':>8}"))
+    rows = {}
+    for phase in ('loop', 'transition', 'distill'):
+        for checkpointing in (False, True):
+            r = run_child('phase', shape, phase, checkpointing, tokens, batch, device)
+            rows[phase, checkpointing] = r
+            tok_s = n / r['seconds']
+            speed = train.utilisation(r['flops_per_token'] * tok_s, device) if cuda else \
+                f"{r['flops_per_token'] * tok_s / 1e12:.3f} TFLOP/s"
+            print(f"   {phase:<11} {'on' if checkpointing else 'off':>9} {r['seconds'] * 1000:>9.0f} {tok_s:>7,.0f} "
+                  f"{speed:>26} {r['allocated'] / 1e6:>10.1f} {r['allocated'] / n:>12,.0f}"
+                  + ('' if cuda else f" {r['peak'] / 1e6:>8.1f}"), flush=True)
+    return rows
+
+
+# train.py's flags for table 6: the 4-layer, d=256 model at Ouro's vocabulary, 2 x 512 tokens in chunks of 64
+TRAIN_SCRIPT_FLAGS = ['--n_layer=4', '--n_embd=256', '--batch_size=2', '--block_size=512', '--chunk_size=64',
+                      '--loops=4', '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--log_interval=1',
+                      '--always_save_checkpoint']
+
+
+def measure_train_script(args, threads):
+    """train.main(args) in this fresh process: its output and the process's peak RSS."""
+    import io
+    from contextlib import redirect_stdout
+    import train
+    torch.set_num_threads(threads)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        train.main(args)
+    return {'out': out.getvalue(), 'peak': peak_rss()}
+
+
+def write_random_tokens(folder, vocab_size, n_train=200_000, n_val=20_000):
+    """A data set of random token ids (train.bin, val.bin, meta.pkl), for measuring only."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': vocab_size, 'tokenizer': 'random'}, f)
+
+
+def train_script_table(vocab_size, threads):
+    print(f"\n6. train.py itself: {' '.join(TRAIN_SCRIPT_FLAGS)}, vocab {vocab_size:,} (random tokens), "
+          f"{threads} thread(s); each phase a process of its own; its peak RSS (MB = 10^6 bytes)")
+    print(f"   {'phase':<11} {'recompute':>9} {'peak RSS':>9} {'s/iter':>7}  first loss")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_tokens(tmp, vocab_size)
+        for checkpointing in (False, True):
+            out = os.path.join(tmp, f'out{int(checkpointing)}')
+            sources = {'loop': [], 'transition': [f'--init_from={out}/loop'],
+                       'distill': [f'--init_from={out}/transition', f'--teacher={out}/loop']}
+            for phase, source in sources.items():
+                args = TRAIN_SCRIPT_FLAGS + source + [f'--phase={phase}', f'--dataset={tmp}', f'--out_dir={out}/{phase}',
+                                                      f'--activation_checkpointing={checkpointing}', '--device=cpu']
+                r = run_child('train_script', args, threads, env={'OMP_NUM_THREADS': str(threads)})
+                losses = re.findall(r'^iter (\d+): loss ([\d.]+).*?([\d.]+) ms/iter', r['out'], re.M)
+                rows[phase, checkpointing] = r
+                print(f"   {phase:<11} {'on' if checkpointing else 'off':>9} {r['peak'] / 1e6:>9,.0f} "
+                      f"{min(float(ms) for _, _, ms in losses) / 1000:>7.1f}  {losses[0][1]}", flush=True)
+    return rows
+
+
+def measure_compile(shape, kv_sharing, device):
+    """model.compile_blocks in a fresh process (its compile cache empty, see compile_table):
+    seconds to the first tokens, then for a generation of another length, against eager."""
+    from torch._dynamo.utils import counters
+    model = build(shape, kv_sharing, device, torch.float32).eval()
+    first, other = (torch.randint(0, shape['vocab_size'], (1, n), device=device) for n in (100, 37))
+
+    def timed(prompt, new):
+        t0 = time.perf_counter()
+        out = generate(model, prompt, new, top_k=1)
+        return out, time.perf_counter() - t0
+    timed(first, 8)  # eager kernels warmed up
+    eager_first, _ = timed(first, 64)
+    eager_other, eager_s = timed(other, 80)
+    model.compile_blocks()
+    _, first_s = timed(first, 2)  # compiles, prefills (eagerly) and decodes one token
+    compiled_first, _ = timed(first, 64)
+    compiled_other, other_s = timed(other, 80)
+    return {'first_s': first_s, 'other_s': other_s, 'eager_s': eager_s, 'graphs': counters['stats']['unique_graphs'],
+            'equal': torch.equal(eager_first, compiled_first) and torch.equal(eager_other, compiled_other)}
+
+
+def compile_table(device):
+    shape = COMPILE_SHAPE
+    print(f"\n5. Compiling: model.compile_blocks(), {shape['n_layer']} layers x {shape['n_loops']} loops, d={shape['n_embd']}; "
+          f"each row a fresh process with an empty compile cache; prompts of 100 then 37 tokens, greedy")
+    print(f"   {'mode':>6} {'graphs':>6} {'compile + first tokens s':>25} {'80 tokens, another length s':>28} "
+          f"{'the same eager s':>17} {'tokens equal':>13}")
+    rows = {}
+    for kv_sharing in ('melt', 'loop'):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            r = run_child('compile', shape, kv_sharing, device, env={'TORCHINDUCTOR_CACHE_DIR': cache_dir})
+        rows[kv_sharing] = r
+        print(f"   {kv_sharing:>6} {r['graphs']:>6} {r['first_s']:>25.1f} {r['other_s']:>28.1f} {r['eager_s']:>17.1f} "
+              f"{'yes' if r['equal'] else 'NO':>13}", flush=True)
+    return rows
+
+
 def predicted_train_bytes(shape, tokens, batch):
     """A rough upper bound on a step's activations (fp32): per token, loop and layer about 24
     vectors of width d and 4 of the MLP's width; per token and loop the logits, 3 times."""
@@ -313,7 +486,7 @@ def predicted_train_bytes(shape, tokens, batch):
 
 def train_table(shape, tokens, batch, device):
     cuda = device.startswith('cuda')
-    print(f"\n3. Training step (forward + backward), batch {batch} x {tokens} tokens, {shape['n_loops']} loops, fp32; "
+    print(f"\n4. Training step (forward + backward), batch {batch} x {tokens} tokens, {shape['n_loops']} loops, fp32; "
           f"one process per row; peak {'CUDA memory allocated' if cuda else 'bytes allocated and peak RSS'}, "
           f"grown during the step (MB = 10^6 bytes)")
     print(f"   {'mode':<16} {'ms/step':>9} {'vs LoopLM':>10} {'allocated':>10} {'vs LoopLM':>10}"
@@ -341,8 +514,11 @@ def train_table(shape, tokens, batch, device):
 
 
 def check(cfg):
-    if cfg['only'] not in ('', 'memory', 'generate', 'train'):
-        raise ValueError(f"--only must be memory, generate or train, got {cfg['only']!r}")
+    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script'):
+        raise ValueError(f"--only must be memory, generate, train, phases, compile or train_script, got {cfg['only']!r}")
+    for key in ('train_vocab', 'layers'):
+        if cfg[key] < 0:
+            raise ValueError(f"--{key} must be >= 1 (or 0 for the model's own), got {cfg[key]}")
     if cfg['bytes_per_element'] not in (2, 4):
         raise ValueError(f"--bytes_per_element must be 2 (bf16) or 4 (fp32), got {cfg['bytes_per_element']}")
     if cfg['threads'] < 0:
@@ -373,6 +549,8 @@ def main(argv):
         torch.set_num_threads(cfg['threads'])
     shape = model_shape(cfg['model'])
     shape = {k: v for k, v in shape.items() if k not in ('kv_sharing', 'chunk_size', 'gate_bias_init')}
+    if cfg['layers']:
+        shape['n_layer'] = cfg['layers']
     print(f"model {cfg['model']}: {shape['n_layer']} layers, d={shape['n_embd']}, {shape['n_kv_head']} KV heads "
           f"of {shape['n_embd'] // shape['n_head']}, trained loops {shape['n_loops']}; device {cfg['device']}")
     if cfg['only'] in ('', 'memory'):
@@ -382,20 +560,30 @@ def main(argv):
         if small:
             generate_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], cfg['prefill_chunk'], loop_counts,
                            cfg['kv_sharing'].split(','), cfg['device'],
-                           'compile' if cfg['compile'] else 'cuda_graph' if cfg['cuda_graph'] else '')
+                           '+'.join(mode for mode, on in (('compile', cfg['compile']), ('cuda_graph', cfg['cuda_graph']))
+                                    if on))
         else:
             print("\n2. (generation skipped: random weights of this size are for a GPU; use --device=cuda)")
-    if cfg['only'] in ('', 'train'):
+    if cfg['only'] in ('', 'train', 'phases'):
         if small:
-            train_table(shape, cfg['train_tokens'], cfg['train_batch'], cfg['device'])
+            phase_table({**shape, 'vocab_size': cfg['train_vocab'] or shape['vocab_size']}, cfg['train_tokens'],
+                        cfg['train_batch'], cfg['device'])
+            if cfg['only'] != 'phases':
+                train_table(shape, cfg['train_tokens'], cfg['train_batch'], cfg['device'])
         else:
-            print("\n3. (training step skipped for this size on CPU; use --device=cuda)")
+            print("\n3. (training steps skipped for this size on CPU; use --device=cuda, or --layers=1)")
+    if cfg['only'] == 'compile':
+        compile_table(cfg['device'])
+    if cfg['only'] == 'train_script':
+        train_script_table(cfg['train_vocab'] or shape['vocab_size'], cfg['threads'] or 1)
 
 
 def child(spec):
     """`python bench.py --child JSON`: one measurement in a fresh process, printed as JSON."""
     kind, *args = json.loads(spec)
-    print(json.dumps((measure_generate if kind == 'generate' else measure_train)(*args)))
+    measure = {'generate': measure_generate, 'train': measure_train, 'phase': measure_phase_step,
+               'compile': measure_compile, 'train_script': measure_train_script}[kind]
+    print(json.dumps(measure(*args)))
 
 
 if __name__ == '__main__':
