@@ -34,7 +34,7 @@ ROWS = {
     'no chunks': ('element', 'chunks'),  # both phases with one chunk = the whole row
     'ouro objective': (None, 'depth'),  # not MELT: the LoopLM itself, trained with Ouro's objective
 }
-DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure='assets/ablation.png',
+DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure=os.path.join(HERE, 'assets', 'ablation.png'),
                 train_args='',  # flags added to every train.py run, e.g. --train_args="--max_iters=100"
                 replot='no')  # yes: the table and figure again from out_dir's results.json, without training
 
@@ -61,7 +61,7 @@ def plan(row, seed, loop_dir, root, block_size, train_args=()):
 def train_py(args, threads):
     """One train.py run in its own process, limited to `threads` CPU threads."""
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
-    run = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *args], cwd=HERE, env=env,
+    run = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *args], env=env,  # in the user's folder
                          capture_output=True, text=True)
     if run.returncode:
         raise ChildProcessError(f"train.py {' '.join(args)} failed:\n{run.stdout[-1500:]}{run.stderr[-1500:]}")
@@ -149,14 +149,55 @@ def parse(argv):
     unknown = [r for r in cfg['rows'] if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}; rows are {', '.join(r.replace(' ', '_') for r in ROWS)}")
+    for key in ('out_dir', 'figure'):  # against the user's folder, once, before any run starts
+        cfg[key] = os.path.abspath(cfg[key])
+    if os.path.exists(cfg['out_dir']) and not os.path.isdir(cfg['out_dir']):
+        raise ValueError(f"--out_dir={cfg['out_dir']} is a file, expected a folder for the runs and results.json")
+    if os.path.isdir(cfg['figure']):
+        raise ValueError(f"--figure={cfg['figure']} is a folder, expected a .png file to write")
     return cfg
+
+
+def read_results(file):
+    """results.json as ablate.py wrote it: {row: {seed: {loops: {'acc', 'per_hop', 'kv_bytes'}}}},
+    every field checked, one line naming the file, the field and what was expected."""
+    try:
+        with open(file, encoding='utf-8') as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg.lower()}; "
+                         f"run python ablate.py again to remake it") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}); run python ablate.py again to remake it") from None
+
+    def check(ok, where, value, expected):
+        if not ok:
+            raise ValueError(f"{file}: {where} is {repr(value)[:60]}, expected {expected}; run python ablate.py "
+                             f"again to remake it")
+    check(isinstance(saved, dict) and saved, 'the top level', saved, 'an object of rows')
+    results = {}
+    for row, by_seed in saved.items():
+        check(row in ROWS or row == 'LoopLM', 'a row', row, f"one of LoopLM, {', '.join(ROWS)}")
+        check(isinstance(by_seed, dict) and by_seed and all(s.isdigit() for s in by_seed), row, by_seed,
+              'an object of seeds (integers) to results')
+        for seed, by_n in by_seed.items():
+            where = f'{row}/{seed}'
+            check(isinstance(by_n, dict) and sorted(by_n) == sorted(map(str, EVAL_LOOPS)), where, by_n,
+                  f"the loop counts {', '.join(map(str, EVAL_LOOPS))}")
+            for n, at in by_n.items():
+                check(isinstance(at, dict) and isinstance(at.get('acc'), (int, float)) and 0 <= at['acc'] <= 1
+                      and isinstance(at.get('kv_bytes'), int) and at['kv_bytes'] > 0
+                      and isinstance(at.get('per_hop'), dict), f'{where}/{n}', at,
+                      "{'acc': a number in [0, 1], 'per_hop': {...}, 'kv_bytes': an integer > 0}")
+            results.setdefault(row, {})[int(seed)] = {int(n): at for n, at in by_n.items()}
+    return results
 
 
 def report(results, cfg):
     print("\naccuracy decoding with chunk size 1 (mean over seeds ± half their range), 1,000 held-out problems\n"
           + table(results, cfg['seeds']))
     if figure(results, cfg['figure']):
-        print(f"\nwrote {cfg['figure']}")
+        print(f"\nwrote {os.path.relpath(cfg['figure'])}")
     else:
         print("\nno figure: matplotlib is not installed (pip install matplotlib)")
 
@@ -166,11 +207,9 @@ def main(argv):
     if cfg['replot'] == 'yes':
         file = os.path.join(cfg['out_dir'], 'results.json')
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"no {file}: run python ablate.py first")
-        with open(file) as f:  # JSON keys are strings: seeds and loop counts back to integers
-            saved = json.load(f)
-        return report({row: {int(s): {int(n): at for n, at in by_n.items()} for s, by_n in by_seed.items()}
-                       for row, by_seed in saved.items()}, cfg)
+            raise FileNotFoundError(f"{file} {'is a folder' if os.path.isdir(file) else 'does not exist'}, expected "
+                                    f"the results of a run: run python ablate.py first")
+        return report(read_results(file), cfg)
     import train  # after the flags are checked: importing torch takes a while
     train_args = cfg['train_args'].split()
     train.parse_args(train_args, train.DEFAULTS)  # a typo fails here, not in the first run

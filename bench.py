@@ -39,8 +39,8 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import parse_args, run_script
-from melt import MELT, MELTConfig
+from configurator import check_device, parse_args, run_script
+from melt import MAX_LOOPS, MELT, MELTConfig
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -238,6 +238,9 @@ def run_child(kind, *args, env=None):
     here = os.path.dirname(os.path.abspath(__file__))
     run = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, *args])],
                          capture_output=True, text=True, cwd=here, env={**os.environ, **(env or {})})
+    last = (run.stderr.strip().splitlines() or [''])[-1]
+    if run.returncode and last.startswith('error: '):  # a size or a value the child refused: its one line
+        raise ValueError(f"{last.removeprefix('error: ')} (bench child {kind} {args[1:]})")
     if run.returncode:
         raise ChildProcessError(f"bench child {kind} {args[1:]} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -293,6 +296,8 @@ def measure_train(shape, kv_sharing, chunk, tokens, batch, device):
     cuda = device.startswith('cuda')
     model = build({**shape, 'block_size': max(shape['block_size'], tokens)}, 'melt', device, torch.float32)
     model = model.with_kv_sharing(kv_sharing)
+    from train import check_batch_fits
+    check_batch_fits(batch, tokens, model.config, model.config.n_loops, device)
     x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
     _, loss = model(x[:, :16], x[:, :16], chunk_size=min(chunk or 16, 16))  # load kernels
     loss.backward()
@@ -334,6 +339,7 @@ def measure_phase_step(shape, phase, checkpointing, tokens, batch, device):
     teacher = build({**shape, 'block_size': tokens}, 'loop', device, torch.float32, seed=1).requires_grad_(False) \
         if train.uses_teacher(cfg) else None
     optimizer = train.configure_optimizers(model, cfg, 'cuda' if cuda else 'cpu')
+    train.check_batch_fits(batch, tokens, model.config, shape['n_loops'], device)
     x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
     ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 
@@ -526,16 +532,16 @@ def check(cfg):
     for key in ('context', 'prompt_tokens', 'new_tokens', 'prefill_chunk', 'train_tokens', 'train_batch'):
         if cfg[key] < 1 + (key == 'new_tokens'):
             raise ValueError(f"--{key} must be >= {1 + (key == 'new_tokens')}, got {cfg[key]}")
+    check_device(cfg['device'])  # before any child process is started with it
     if cfg['cuda_graph'] and not cfg['device'].startswith('cuda'):
         raise ValueError("--cuda_graph captures CUDA kernels; it needs --device=cuda")
-    if cfg['device'].startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg['device']}, but this machine has no CUDA device; use --device=cpu")
     try:
         counts = [int(s) for s in cfg['loops'].split(',')] if cfg['loops'] else [1, 4, 8]
     except ValueError:
         counts = [0]
-    if min(counts) < 1:
-        raise ValueError(f"--loops must be loop counts >= 1 separated by commas, e.g. 1,4,8; got {cfg['loops']!r}")
+    if not 1 <= min(counts) <= max(counts) <= MAX_LOOPS:
+        raise ValueError(f"--loops must be loop counts in [1, {MAX_LOOPS}] separated by commas, e.g. 1,4,8; "
+                         f"got {cfg['loops']!r}")
     if not cfg['kv_sharing'] or not set(cfg['kv_sharing'].split(',')) <= {'melt', 'loop'}:
         raise ValueError(f"--kv_sharing must be melt, loop or melt,loop; got {cfg['kv_sharing']!r}")
     return counts
@@ -583,7 +589,10 @@ def child(spec):
     kind, *args = json.loads(spec)
     measure = {'generate': measure_generate, 'train': measure_train, 'phase': measure_phase_step,
                'compile': measure_compile, 'train_script': measure_train_script}[kind]
-    print(json.dumps(measure(*args)))
+    try:
+        print(json.dumps(measure(*args)))
+    except ValueError as e:  # what cannot fit, or a value out of range: one line for the parent to pass on
+        sys.exit(f"error: {e}")
 
 
 if __name__ == '__main__':

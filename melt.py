@@ -17,6 +17,7 @@ References:
 3) nanoGPT's model.py (the shape of this file) and gpt-fast (the cache as a data structure).
 """
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -53,6 +54,20 @@ def apply_rope(x, rope):
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+def check_fits(nbytes, what, device):
+    """Refuse, before allocating it, what the device's free memory cannot hold."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == 'cpu' and os.path.isfile('/proc/meminfo'):
+        with open('/proc/meminfo') as f:
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:')), None)
+    else:  # meta, or no way to tell
+        return
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} would take {nbytes / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB free on {device}")
 
 
 class Chunk(NamedTuple):
@@ -301,6 +316,9 @@ class Block(nn.Module):
         return x + self.mlp_norm_out(self.mlp(self.mlp_norm_in(x))), attn_out
 
 
+MAX_LOOPS = 1024  # our bound: Ouro trains 4 loops; a thousand is a hang, not a run
+
+
 @dataclass
 class MELTConfig:
     vocab_size: int = 512
@@ -321,6 +339,12 @@ class MELTConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden'):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta!r} and {self.norm_eps!r}")
         if self.kv_sharing not in ('melt', 'loop'):
             raise ValueError(f"kv_sharing must be 'melt' or 'loop', got {self.kv_sharing!r}")
         if self.gate not in GATES:
@@ -330,9 +354,10 @@ class MELTConfig:
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
                              f"n_head by n_kv_head ({self.n_kv_head})")
-        for name in ('n_loops', 'chunk_size'):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.n_loops <= MAX_LOOPS:
+            raise ValueError(f"n_loops must be in [1, {MAX_LOOPS}], got {self.n_loops}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
     @property
     def head_dim(self):
@@ -360,6 +385,8 @@ class MELT(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)  # applied after EVERY loop
         self.exit_gate = nn.Linear(config.n_embd, 1)  # early-exit logit per loop
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
+        check_fits(16 * config.block_size * config.head_dim, f"RoPE's tables for block_size {config.block_size:,}",
+                   torch.get_default_device())  # cos, sin and the angles they come from, fp32
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
@@ -419,14 +446,17 @@ class MELT(nn.Module):
         max_tokens = self.config.block_size if max_tokens is None else max_tokens
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.config.block_size:
             raise ValueError(f"max_tokens must be between 1 and block_size {self.config.block_size}, got {max_tokens!r}")
-        w = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_tokens, self._check_loops(loops), self._check_alpha(alpha),
-                       device=w.device, dtype=w.dtype)
+        w, loops, alpha = self.lm_head.weight, self._check_loops(loops), self._check_alpha(alpha)
+        c = self.config
+        rows = (alpha > 0) + loops * (alpha < 1)  # MELT's one K/V per layer, the LoopLM's one per loop
+        check_fits(2 * c.n_layer * c.n_kv_head * c.head_dim * w.element_size() * rows * batch_size * max_tokens,
+                   f"a KV cache of {batch_size:,} x {max_tokens:,} tokens at {loops} loops", w.device)
+        return KVCache(self.config, batch_size, max_tokens, loops, alpha, device=w.device, dtype=w.dtype)
 
     def _check_loops(self, loops):
         loops = self.config.n_loops if loops is None else loops
-        if not isinstance(loops, int) or loops < 1:
-            raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
+        if not isinstance(loops, int) or not 1 <= loops <= MAX_LOOPS:
+            raise ValueError(f"loops must be an integer in [1, {MAX_LOOPS}], got {loops!r}")
         return loops
 
     def _check_alpha(self, alpha):

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from melt import MELT, MELTConfig, rope_tables
+from melt import MELT, MELTConfig, check_fits, rope_tables
 
 # Ouro's HuggingFace names differ from ours in a few module names; everything else is the same.
 OURO_MODULE_NAMES = {
@@ -54,8 +54,9 @@ def read_ouro_config(path):
     missing = [k for k in OURO_CONFIG_FIELDS if k not in hf]
     if missing:
         raise ValueError(f"{file} lacks the Ouro fields {missing}")
-    if hf.get('tie_word_embeddings', False):
-        raise ValueError(f"{file} ties the embeddings; Ouro's LM head is untied")
+    if hf.get('tie_word_embeddings', False) is not False:
+        raise ValueError(f"{file}: tie_word_embeddings is {hf['tie_word_embeddings']!r}, expected false (Ouro's LM "
+                         f"head is untied)")
     fields = {ours: hf[theirs] for theirs, ours in OURO_CONFIG_FIELDS.items()}
     for theirs, ours in OURO_CONFIG_FIELDS.items():
         number = (int, float) if ours in ('rope_theta', 'norm_eps') else int
@@ -66,10 +67,20 @@ def read_ouro_config(path):
     if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
         raise ValueError(f"{file}: head_dim {head_dim} * heads {hf['num_attention_heads']} "
                          f"!= hidden_size {hf['hidden_size']}, which this model needs")
-    ours = dict(hf.get('melt', {}))  # save_ouro adds kv_sharing, chunk_size, gate...; Ouro ignores it
+    ours = hf.get('melt', {})  # save_ouro adds kv_sharing, chunk_size, gate...; Ouro ignores it
+    if not isinstance(ours, dict):
+        raise ValueError(f"{file}: melt is {repr(ours)[:80]}, expected an object of MELT's settings (save_ouro's)")
+    ours = dict(ours)
     if 'cache' in ours:  # written by an older version, before the field was named kv_sharing
         ours['kv_sharing'] = ours.pop('cache')
+    known = set(MELTConfig.__dataclass_fields__) - set(OURO_CONFIG_FIELDS.values())
+    if set(ours) - known:
+        raise ValueError(f"{file}: melt sets {sorted(set(ours) - known)}, expected only {sorted(known)}")
     fields.update(ours)
+    try:
+        MELTConfig(**fields)
+    except ValueError as e:  # out of range: too many loops, heads that do not divide, an unknown gate...
+        raise ValueError(f"{file}: {e}") from None
     return fields
 
 
@@ -77,8 +88,11 @@ def read_json(file):
     try:
         with open(file, encoding='utf-8') as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg.lower()}; "
+                         f"fix it, or fetch the file again") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); fetch the file again") from None
 
 
 def ouro_tensor_files(path):
@@ -142,6 +156,8 @@ def load_ouro(path, kv_sharing='melt', dtype=None, **overrides):
     for k in new_gates:  # MELT's new parameters, filled in by reset_gates below
         state[k] = torch.empty(expected[ouro_name(k)][1], dtype=like.dtype)
     model.load_state_dict(state, assign=True)
+    check_fits(16 * config.block_size * config.head_dim, f"RoPE's tables for max_position_embeddings "
+               f"{config.block_size:,} (config.json)", 'cpu')
     cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
     if new_gates:
@@ -224,22 +240,38 @@ def ouro_tokenizer(path):
     model = spec.get('model') if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get('type') != 'BPE':
         raise ValueError(f"{file} holds no byte-level 'BPE' model (its 'model' is {str(model)[:60]!r})")
-    if not isinstance(model.get('vocab'), dict) or not isinstance(spec.get('added_tokens', []), list):
-        raise ValueError(f"{file}: model.vocab must be an object of tokens to ids, added_tokens a list")
+    if not isinstance(model.get('vocab'), dict):
+        raise ValueError(f"{file}: model.vocab is {str(model.get('vocab'))[:60]!r}, expected an object of tokens to ids")
+    if not isinstance(spec.get('added_tokens', []), list):
+        raise ValueError(f"{file}: added_tokens is {str(spec['added_tokens'])[:60]!r}, expected a list")
+    def is_id(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 20
+    for t in spec.get('added_tokens', []):
+        if not isinstance(t, dict) or not isinstance(t.get('content'), str) or not is_id(t.get('id')):
+            raise ValueError(f"{file}: added_tokens holds {repr(t)[:80]}, expected objects with a 'content' string "
+                             f"and an integer 'id'")
     special = {t['content']: t['id'] for t in spec.get('added_tokens', [])}
     to_byte = {c: b for b, c in byte_level_alphabet().items()}
     ranks = {}
     for token, token_id in model['vocab'].items():
+        if not is_id(token_id):
+            raise ValueError(f"{file}: model.vocab gives {token!r} the id {token_id!r}, expected an integer in [0, 2^20)")
         if token in special:
             continue
         if any(c not in to_byte for c in token):
             raise ValueError(f"{file}: token {token!r} (id {token_id}) is not byte-level text")
         ranks[bytes(to_byte[c] for c in token)] = token_id
+    if not isinstance(model.get('merges', []), list):
+        raise ValueError(f"{file}: model.merges is {repr(model.get('merges'))[:60]}, expected a list")
     # tiktoken merges the pair whose merged token has the lowest rank; HF applies merges in
     # list order. With rank = id these agree when ids grow along the merge list.
     last_id = -1
     for merge in model.get('merges', []):
-        a, b = merge.split(' ') if isinstance(merge, str) else merge
+        pair = merge.split(' ') if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair) \
+                or pair[0] + pair[1] not in model['vocab']:
+            raise ValueError(f"{file}: merge {repr(merge)[:60]} is not two tokens whose join is in model.vocab")
+        a, b = pair
         merged_id = model['vocab'][a + b]
         if merged_id <= last_id:
             raise ValueError(f"{file}: merge {a!r} + {b!r} -> id {merged_id} comes after id {last_id}; "

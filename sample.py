@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
-from configurator import DTYPES, check_choice, check_device, parse_args, run_script
+from configurator import DTYPES, check_choice, check_device, parse_args, run_script, torch_dtype
 from data.reason import prepare as reason
 from train import Data, load_checkpoint
 
@@ -119,12 +119,18 @@ def load(cfg):
         raise FileNotFoundError(f"no checkpoint folder {source!r}: run python train.py first, or pass --init_from")
     model, ckpt = load_checkpoint(source, 'cpu')
     model = model.with_kv_sharing(cfg['kv_sharing'] or model.config.kv_sharing)
-    meta = Data(ckpt['config']['dataset'], model.config.block_size, 'cpu').meta  # the training data's tokenizer
+    if 'config' not in ckpt:
+        raise ValueError(f"{source}/ckpt.pt lacks 'config' (the run's settings), so its data set's tokenizer is unknown")
+    dataset = Data(ckpt['config']['dataset'], model.config.block_size, 'cpu')  # the training data's tokenizer
+    meta = dataset.meta
     if meta.get('tokenizer') == 'reason':
         return model, reason.WordCodec()
     from data.text.prepare import load_encoding  # the tokenizer the data set was made with
     from ouro import stop_ids
     tokenizer = meta.get('tokenizer_path', meta['tokenizer'])  # 'gpt2' or 'ouro:PATH'
+    if tokenizer != 'gpt2' and not tokenizer.startswith('ouro:'):
+        raise ValueError(f"{dataset.dir}/meta.pkl names the tokenizer {tokenizer!r}; sample.py decodes "
+                         f"the reasoning task's words, 'gpt2' and 'ouro:PATH' (data/text/prepare.py's tokenizers)")
     enc = load_encoding(tokenizer)
     return model, TiktokenCodec(enc, stop_ids(enc) if tokenizer.startswith('ouro:') else ())
 
@@ -171,13 +177,13 @@ def main(argv):
     if codec.n_vocab < model.config.vocab_size:
         raise ValueError(f"the tokenizer has {codec.n_vocab} tokens, fewer than the model's vocabulary of "
                          f"{model.config.vocab_size}: sampled ids past {codec.n_vocab - 1} could not be decoded")
-    model.to(cfg['device'], DTYPES[cfg['dtype']]).eval()
+    model.to(cfg['device'], torch_dtype(cfg['dtype'])).eval()
     loops = cfg['loops'] or model.config.n_loops
     if isinstance(codec, reason.WordCodec) and cfg['start'] == DEFAULTS['start']:
         # the reasoning task's model only answers queries: pose held-out problems instead
         prompts, answers, hops = reason.eval_problems(cfg['num_samples'], seed=cfg['seed'])
         prompts = [(p.tolist(), f"  (expected {reason.WORDS[a]}, {h} hops)") for p, a, h in zip(prompts, answers, hops)]
-        new_tokens = 1
+        new_tokens = cfg['max_new_tokens'] or 1  # the answer is one token
     else:
         ids = codec.encode(read_prompt(cfg))
         if not ids:

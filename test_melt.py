@@ -312,7 +312,7 @@ def test_greedy_generate_matches_argmax_of_full_forward():
 def test_errors_name_the_value_and_the_limit():
     model = tiny_model('melt')
     ids = tokens(5)
-    with pytest.raises(ValueError, match=r'loops must be an integer >= 1, got 0'):
+    with pytest.raises(ValueError, match=r'loops must be an integer in \[1, 1024\], got 0'):
         model(ids, loops=0)
     with pytest.raises(ValueError, match=r'chunk_size must be >= 1, got 0'):
         model(ids, chunk_size=0)

@@ -267,12 +267,14 @@ def test_the_objective_is_depth_on_the_task_and_ouro_from_ouro_or_without_depths
         return train.choose_objective(cfg, train.Data(folder, 8, 'cpu'))
     assert choose() == 'depth' and choose('--objective=ouro') == 'ouro'
     assert choose('--init_from=ouro:/some/Ouro-1.4B') == 'ouro'
-    plain = tmp_path / 'plain'
+    plain = tmp_path / 'plain'  # the same tokens as a data set of another kind: no depths
     plain.mkdir()
-    for f in ('train.bin', 'val.bin', 'meta.pkl'):
+    for f in ('train.bin', 'val.bin'):
         (plain / f).write_bytes((pathlib.Path(reason_data) / f).read_bytes())
+    with open(plain / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 137, 'tokenizer': 'words'}, f)
     assert choose(folder=str(plain)) == 'ouro'
-    with pytest.raises(ValueError, match=r'--objective=depth needs train_depth.bin and val_depth.bin in .*plain'):
+    with pytest.raises(ValueError, match=r"--objective=depth needs each token's hops .*which .*plain does not have"):
         choose('--objective=depth', folder=str(plain))
 
 
@@ -320,8 +322,8 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(reason_data, tmp_path, capsys, 
 
 @pytest.mark.parametrize('argv, error, match', [
     (['--learning_rat=1e-3'], ValueError, r'unknown option --learning_rat; known: '),
-    (['--max_iters=ten'], ValueError, r'--max_iters=ten: expected a int'),
-    (['--max_iters', '1.5'], ValueError, r'--max_iters=1.5: expected a int, got float'),
+    (['--max_iters=ten'], ValueError, r'--max_iters=ten: expected an integer'),
+    (['--max_iters', '1.5'], ValueError, r'--max_iters=1.5: expected an integer, got float'),
     (['--phase', 'distil'], ValueError, r"--phase must be one of loop, transition, distill, all, got 'distil'"),
     (['--phase=loop', '--dtype=fp8'], ValueError, r"--dtype must be one of float32, bfloat16, float16, got 'fp8'"),
     (['--phase=transition', '--chunk_size=0'], ValueError, r'--chunk_size must be >= 1, got 0'),
@@ -355,7 +357,7 @@ def test_config_files_set_values_in_plain_sight(tmp_path, capsys, reason_data, l
     with pytest.raises(ValueError, match=r"mine.py sets 'learning_rat', which is not an option"):
         train.parse_args([str(mine)], train.DEFAULTS)
     mine.write_text("max_iters = 'ten'\n")
-    with pytest.raises(ValueError, match=r'--max_iters=ten: expected a int'):
+    with pytest.raises(ValueError, match=r'--max_iters=ten: expected an integer'):
         train.parse_args([str(mine)], train.DEFAULTS)
     _, out = run_train(capsys, f'--dataset={reason_data}', '--phase=distill', f'--init_from={looplm_dir}',
                        f'--teacher={looplm_dir}', f'--out_dir={tmp_path}/d', '--max_iters=1', '--eval_interval=1')
@@ -455,11 +457,16 @@ def test_no_transition_starts_distillation_from_the_looplm_with_fresh_gates(loop
         assert (gate.b_z == student.config.gate_bias_init).all()
 
 
-def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys):
+def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys, monkeypatch):
+    """From another folder than the project's, with relative paths: every run trains where the
+    user meant (tmp_path/grid), and the grid finds its checkpoints there."""
+    monkeypatch.chdir(tmp_path)
     flags = TRAIN_TINY + [f'--dataset={reason_data}', '--max_iters=3', '--eval_interval=3', '--transition_iters=2']
-    ablate.main([f'--out_dir={tmp_path}', '--rows=no_distill,no_chunks', '--seeds=2', f'--figure={tmp_path}/fig.png',
+    ablate.main(['--out_dir=grid', '--rows=no_distill,no_chunks', '--seeds=2', '--figure=fig.png',
                  '--train_args=' + ' '.join(flags)])
     out = capsys.readouterr().out
+    assert (tmp_path / 'grid' / 'no_chunks' / 'seed2' / 'distill' / 'ckpt.pt').is_file()
+    tmp_path = tmp_path / 'grid'
     results = json.load(open(tmp_path / 'results.json'))
     assert list(results) == ['LoopLM', 'no distill', 'no chunks'] and list(results['no chunks']) == ['1', '2']
     for row, by_seed in results.items():

@@ -20,10 +20,11 @@ import gc
 import math
 import os
 import pickle
+import re
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -32,10 +33,10 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from configurator import DTYPES, check_choice, check_device, parse_args, read_config_file, run_script
+from configurator import (DTYPES, check_choice, check_device, disk_error, parse_args, read_config_file, run_script,
+                          torch_dtype, write_temporary)
 from data.reason import prepare as reason
-from data.text.prepare import write_temporary
-from melt import GATES, MELT, MELTConfig, still_looping
+from melt import GATES, MELT, MELTConfig, check_fits, still_looping
 from ouro import load_ouro, read_ouro_config
 
 # -----------------------------------------------------------------------------
@@ -135,9 +136,59 @@ def phase_config(name, overrides):
 # -----------------------------------------------------------------------------
 # data
 
-def has_depth_files(folder):
-    """Whether a data set holds each token's depth (train_depth.bin, val_depth.bin)."""
-    return all(os.path.isfile(os.path.join(folder, f'{split}_depth.bin')) for split in ('train', 'val'))
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_meta(folder):
+    """A data set's meta.pkl, every field checked, each mistake one line that names the file,
+    the field, its value and what was expected, and the command that remakes the data set. A
+    data set of the reasoning task must be the current version of it, its depth files included."""
+    file = os.path.join(folder, 'meta.pkl')
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no meta.pkl in {folder}: prepare the data set first ({remake_command(folder, {})})")
+    try:
+        with open(file, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # a truncated or foreign file: pickle raises many kinds of errors
+        raise ValueError(f"{file} is not a readable meta.pkl ({type(e).__name__}: {str(e)[:100]}); "
+                         f"remake the data set: {remake_command(folder, {})}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} holds a {type(meta).__name__}, expected the dict a prepare script writes; "
+                         f"remake the data set: {remake_command(folder, {})}")
+
+    def field(name, ok, expected, default=None):
+        if name not in meta and default is None:
+            raise ValueError(f"{file} lacks {name!r} ({expected}); remake the data set: {remake_command(folder, meta)}")
+        value = meta.get(name, default)
+        if not ok(value):
+            raise ValueError(f"{file}: {name} is {repr(value)[:80]}, expected {expected}; "
+                             f"remake the data set: {remake_command(folder, meta)}")
+        return value
+    vocab = field('vocab_size', lambda v: is_int(v) and 1 <= v <= 2 ** 16, 'an integer in [1, 65536] (uint16 ids)')
+    field('tokenizer', lambda v: isinstance(v, str) and v != '' and (not v.startswith('ouro:') or
+                                                                    re.fullmatch('ouro:[0-9a-f]{16}', v)),
+          "the tokenizer's name ('ouro:' and 16 hex digits of its tokenizer.json, for an Ouro tokenizer)")
+    field('row_len', lambda v: is_int(v) and v >= 1, 'an integer >= 1 (tokens per problem)', default=1)
+    field('loss_after', lambda v: isinstance(v, (list, tuple)) and all(is_int(i) and 0 <= i < vocab for i in v),
+          f'a list of token ids below vocab_size {vocab}', default=[])
+    if 'tokenizer_path' in meta or meta['tokenizer'].startswith('ouro:'):  # sample.py decodes with it
+        field('tokenizer_path', lambda v: v == 'gpt2' or isinstance(v, str) and v.startswith('ouro:'),
+              "'gpt2' or 'ouro:PATH'")
+    if meta['tokenizer'] == 'reason':  # the reasoning task, as data/reason/prepare.py makes it now
+        field('itos', lambda v: v == reason.WORDS, f"the task's {len(reason.WORDS)} words of data/reason/prepare.py")
+        field('row_len', lambda v: v == reason.PROBLEM_LEN, f'{reason.PROBLEM_LEN}, the tokens of one problem')
+        field('max_depth', lambda v: v == reason.MAX_HOPS, f'{reason.MAX_HOPS}, the most hops of a problem')
+    elif 'max_depth' in meta:
+        field('max_depth', lambda v: is_int(v) and 1 <= v <= 255, 'an integer in [1, 255] (uint8 depths)')
+    return meta
+
+
+def remake_command(folder, meta):
+    """The command that remakes the data set in `folder`."""
+    if meta.get('tokenizer') == 'reason' or os.path.basename(os.path.normpath(folder)) == 'reason':
+        return f"python data/reason/prepare.py --out_dir={folder}"
+    return f"python data/text/prepare.py --input=FILE --out_dir={folder}"
 
 
 class Data:
@@ -147,22 +198,27 @@ class Data:
 
     def __init__(self, dataset, block_size, device):
         self.dir = dataset if os.path.isdir(dataset) else os.path.join(DATA_DIR, dataset)
-        meta_file = os.path.join(self.dir, 'meta.pkl')
-        if not os.path.isfile(meta_file):
-            raise FileNotFoundError(f"no meta.pkl in {self.dir}: run python {os.path.join(self.dir, 'prepare.py')} first")
-        try:
-            with open(meta_file, 'rb') as f:
-                self.meta = pickle.load(f)
-        except Exception as e:  # a truncated or foreign file: pickle raises many kinds of errors
-            raise ValueError(f"{meta_file} is not a readable meta.pkl ({type(e).__name__}: {e}); "
-                             f"prepare the data set again") from None
-        if not isinstance(self.meta, dict) or not isinstance(self.meta.get('vocab_size'), int):
-            raise ValueError(f"{meta_file} lacks an integer 'vocab_size'; prepare the data set again")
+        self.meta = read_meta(self.dir)
         self.block_size, self.device = block_size, device
         # tasks may name tokens after which the target counts (the answers); else every token
         self.loss_after = torch.tensor(self.meta.get('loss_after', []), dtype=torch.long)
         self.row_len = self.meta.get('row_len', 1)  # rows start where a problem starts (1: anywhere)
-        self.has_depth = has_depth_files(self.dir)
+        self.has_depth = 'max_depth' in self.meta  # each token's hops, in {split}_depth.bin
+
+    def check(self):
+        """Every file the run will read, whole: both splits, their depth files where the data
+        set has depths, and no token id past the vocabulary. Half a data set is refused, never
+        trained on as something else."""
+        for split in ('train', 'val'):
+            tokens = self.tokens(split)
+            if len(tokens) and int(tokens.max()) >= self.meta['vocab_size']:
+                raise ValueError(f"{os.path.join(self.dir, split + '.bin')} holds token id {int(tokens.max())}, not below "
+                                 f"meta.pkl's vocab_size {self.meta['vocab_size']}; remake the data set: "
+                                 f"{remake_command(self.dir, self.meta)}")
+            if self.has_depth and len(tokens) and int(self.depths(split).max()) > self.meta['max_depth']:
+                raise ValueError(f"{os.path.join(self.dir, split + '_depth.bin')} holds depth {int(self.depths(split).max())}, "
+                                 f"above meta.pkl's max_depth {self.meta['max_depth']}; remake the data set: "
+                                 f"{remake_command(self.dir, self.meta)}")
 
     def tokens(self, split):
         """The split's tokens, memory-mapped; checked to be uint16 ids, enough for a block."""
@@ -180,8 +236,9 @@ class Data:
     def depths(self, split):
         """The split's depth file: for every token, the hops of the problem it belongs to."""
         file = os.path.join(self.dir, f'{split}_depth.bin')
-        if os.path.getsize(file) != os.path.getsize(os.path.join(self.dir, f'{split}.bin')) // 2:
-            raise ValueError(f"{file} must hold one byte per token of {split}.bin; prepare the data set again")
+        if not os.path.isfile(file) or os.path.getsize(file) != os.path.getsize(os.path.join(self.dir, f'{split}.bin')) // 2:
+            raise ValueError(f"{file} {'must hold' if os.path.isfile(file) else 'is missing; the data set needs'} one byte "
+                             f"per token of {split}.bin (its hops); remake the data set: {remake_command(self.dir, self.meta)}")
         return np.memmap(file, dtype=np.uint8, mode='r')
 
     def batch(self, split, batch_size, seed):
@@ -292,8 +349,8 @@ def choose_objective(cfg, data):
     for data without them and for training that starts from an Ouro checkpoint."""
     objective = cfg['objective'] or ('depth' if data.has_depth and not cfg['init_from'].startswith('ouro:') else 'ouro')
     if objective == 'depth' and not data.has_depth:
-        raise ValueError(f"--objective=depth needs train_depth.bin and val_depth.bin in {data.dir} "
-                         f"(the hops of each token's problem); data/reason/prepare.py writes them")
+        raise ValueError(f"--objective=depth needs each token's hops (train_depth.bin and val_depth.bin), which "
+                         f"{data.dir} does not have; data/reason/prepare.py makes such a data set")
     return objective
 
 
@@ -411,6 +468,22 @@ def strip_compile_prefix(state):
     return {k.removeprefix('_orig_mod.'): v for k, v in state.items()}
 
 
+def state_dict_problem(model, state):
+    """The first way `state` does not fit `model`, in words (None if it fits): load_state_dict's
+    own message is many lines."""
+    want = model.state_dict()
+    missing, extra = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
+    if missing or extra:
+        return f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(extra)} not the model's (e.g. {extra[:2]})"
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != want[name].shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            return f"{name} is {shape}, expected {tuple(want[name].shape)}"
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{name} holds NaN or inf"
+    return None
+
+
 def load_checkpoint(path, device):
     file = os.path.join(path, 'ckpt.pt')
     if not os.path.isfile(file):
@@ -421,15 +494,41 @@ def load_checkpoint(path, device):
         raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
         raise ValueError(f"{file} is not a checkpoint of train.py: it lacks 'model' or 'model_args'")
+    for key, ok, expected in (('model', lambda v: isinstance(v, dict), "a dict of tensors (a state_dict)"),
+                              ('model_args', lambda v: isinstance(v, dict), 'a dict of MELTConfig fields'),
+                              ('phase', lambda v: v in PHASES, f"one of {', '.join(PHASES)}"),
+                              ('config', lambda v: isinstance(v, dict) and isinstance(v.get('dataset'), str),
+                               "the run's settings, a dict with its 'dataset'")):
+        if key in ckpt and not ok(ckpt[key]):
+            raise ValueError(f"{file}: {key} is {repr(ckpt[key])[:80]}, expected {expected}")
+    args = dict(ckpt['model_args'])
+    if 'cache' in args:  # a checkpoint of an older train.py, from before the field was named kv_sharing
+        args['kv_sharing'] = args.pop('cache')
+    unknown = sorted(set(args) - {f.name for f in fields(MELTConfig)})
+    if unknown:
+        raise ValueError(f"{file}: model_args sets {unknown}, which are not MELTConfig fields")
     try:
-        args = dict(ckpt['model_args'])
-        if 'cache' in args:  # a checkpoint of an older train.py, from before the field was named kv_sharing
-            args['kv_sharing'] = args.pop('cache')
-        model = MELT(MELTConfig(**args))
-        model.load_state_dict(strip_compile_prefix(ckpt['model']))
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{file} does not hold a model of its own model_args: {str(e)[:300]}") from None
+        config = MELTConfig(**args)
+    except ValueError as e:
+        raise ValueError(f"{file}: model_args: {e}") from None
+    if 'phase' in ckpt and (ckpt['phase'] == 'loop') != (config.kv_sharing == 'loop'):
+        raise ValueError(f"{file} says phase {ckpt['phase']!r} but holds a kv_sharing={config.kv_sharing!r} model; "
+                         f"phase 'loop' makes LoopLMs, the others MELT models")
+    model = MELT(config)
+    state = strip_compile_prefix(ckpt['model'])
+    problem = state_dict_problem(model, state)
+    if problem:
+        raise ValueError(f"{file} does not hold a model of its own model_args: {problem}")
+    model.load_state_dict(state)
     return model, ckpt
+
+
+def check_batch_fits(batch_size, block_size, config, loops, device):
+    """Backward keeps at least every block's input (fp32), checkpointing or not: a batch that
+    cannot fit is refused before its first step."""
+    check_fits(4 * batch_size * block_size * config.n_embd * loops * config.n_layer,
+               f"a micro-batch of {batch_size:,} x {block_size:,} tokens, whose backward keeps a {config.n_embd}-wide "
+               f"state per token for each of {config.n_layer} x {loops} (layers x loops) blocks,", device)
 
 
 def uses_teacher(cfg):
@@ -440,10 +539,15 @@ def load_model(source, kv_sharing, cfg, meta):
     """A model from 'scratch', an out dir, or 'ouro:PATH', with the given K/V sharing. A LoopLM
     source for a MELT model keeps its weights and gets new gates (reset_gates' init)."""
     if source == 'scratch':
-        return MELT(MELTConfig(vocab_size=meta['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
-                               n_head=cfg['n_head'], n_kv_head=cfg['n_kv_head'], n_embd=cfg['n_embd'],
-                               n_hidden=cfg['n_hidden'], n_loops=cfg['loops'], kv_sharing=kv_sharing,
-                               chunk_size=cfg['chunk_size'], gate=cfg['gate'], ema_z=cfg['ema_z'])), None
+        config = MELTConfig(vocab_size=meta['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
+                            n_head=cfg['n_head'], n_kv_head=cfg['n_kv_head'], n_embd=cfg['n_embd'],
+                            n_hidden=cfg['n_hidden'], n_loops=cfg['loops'], kv_sharing=kv_sharing,
+                            chunk_size=cfg['chunk_size'], gate=cfg['gate'], ema_z=cfg['ema_z'])
+        with torch.device('meta'):  # its size first, allocating nothing: from 1 and 2 layers, as the layers are alike
+            one, two = (MELT(replace(config, n_layer=n)).get_num_params() for n in (1, 2))
+        params = one + (config.n_layer - 1) * (two - one)
+        check_fits(4 * params, f"a model of {params:,} parameters (fp32)", 'cpu')
+        return MELT(config), None
     if source.startswith('ouro:'):
         path = source.removeprefix('ouro:')
         read_ouro_config(path)  # a clear error for a folder that is not Ouro's, before anything else
@@ -452,7 +556,7 @@ def load_model(source, kv_sharing, cfg, meta):
         wanted = meta.get('tokenizer', '')
         from data.text.prepare import tokenizer_id
         if wanted != tokenizer_id(source):
-            raise ValueError(f"data/{cfg['dataset']} was tokenized with {wanted!r}, not with {path}'s tokenizer: "
+            raise ValueError(f"data set {cfg['dataset']!r} was tokenized with {wanted!r}, not with {path}'s tokenizer: "
                              f"run python data/text/prepare.py --input=FILE --tokenizer={source}")
         gate = dict(gate=cfg['gate'], ema_z=cfg['ema_z']) if kv_sharing == 'melt' else {}
         return load_ouro(path, kv_sharing=kv_sharing, dtype=torch.float32, chunk_size=cfg['chunk_size'], **gate), None
@@ -478,10 +582,10 @@ def save_checkpoint(out_dir, state):
     except BaseException as e:  # Ctrl-C included
         if tmp and os.path.exists(tmp):  # written, not yet renamed
             os.unlink(tmp)
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C or SIGTERM inside torch.save: its zip
+            raise e.__context__ from None                   # writer then fails on the way out
         if isinstance(e, OSError):
-            raise OSError(f"could not write {out_dir}/ckpt.pt ({e.strerror or e}); the last good one is untouched") from None
-        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: its zip writer then
-            raise KeyboardInterrupt from None              # fails on the way out with a RuntimeError
+            raise OSError(f"could not write {out_dir}/ckpt.pt ({disk_error(e)}); the last good one is untouched") from None
         raise
 
 
@@ -514,9 +618,25 @@ def check_out_dir(cfg):
 
 
 def check_resume(cfg, ckpt):
-    """On resume the model's shape comes from the checkpoint: a shape flag that says
-    otherwise is refused rather than ignored. Learning rates are the command line's if it
-    gives them, else the resumed run's own (never the defaults)."""
+    """On resume the checkpoint must be this phase's, with what resuming reads, and the
+    model's shape comes from it: a shape flag that says otherwise is refused rather than
+    ignored. Learning rates are the command line's if it gives them, else the resumed run's
+    own (never the defaults)."""
+    file = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    if 'phase' not in ckpt:
+        raise ValueError(f"{file} lacks 'phase' (a checkpoint of an older train.py), so it cannot be resumed: "
+                         f"start the phase from it with --init_from={cfg['out_dir']} and another --out_dir")
+    if ckpt['phase'] != cfg['phase']:
+        raise ValueError(f"{file} holds a {ckpt['phase']!r} checkpoint; --init_from=resume continues the same "
+                         f"phase: run --phase={ckpt['phase']} --init_from=resume, or start phase {cfg['phase']!r} "
+                         f"--init_from={cfg['out_dir']} with another --out_dir")
+    for key, ok, expected in (('optimizer', lambda v: isinstance(v, dict), "the optimizer's state_dict"),
+                              ('iter_num', lambda v: is_int(v) and v >= 0, 'an integer >= 0'),
+                              ('best_val_loss', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                               'a number'),
+                              ('config', lambda v: isinstance(v, dict), "the run's settings, a dict")):
+        if not ok(ckpt.get(key)):
+            raise ValueError(f"{file}: {key} is {repr(ckpt.get(key))[:80]}, expected {expected}; it cannot be resumed")
     for flag in sorted(set(cfg['given']) & set(MODEL_FLAGS)):
         if cfg[flag] != ckpt['model_args'][flag]:
             raise ValueError(f"--{flag}={cfg[flag]} cannot apply on resume: the checkpoint's model has "
@@ -563,15 +683,12 @@ def train(cfg):
     accum = cfg['gradient_accumulation_steps'] // world
     torch.manual_seed(cfg['seed'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    ptdtype = DTYPES[cfg['dtype']]
+    ptdtype = torch_dtype(cfg['dtype'])
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
     if master:
         check_out_dir(cfg)
     data = Data(cfg['dataset'], cfg['block_size'], device)
-    for split in ('train', 'val'):
-        data.tokens(split)
-        if data.has_depth:
-            data.depths(split)
+    data.check()
     cfg['objective'] = choose_objective(cfg, data)
 
     resume = cfg['init_from'] == 'resume'
@@ -580,10 +697,11 @@ def train(cfg):
     if resume:
         check_resume(cfg, ckpt)
     if model.config.vocab_size < data.meta['vocab_size']:
-        raise ValueError(f"data/{cfg['dataset']} has vocab_size {data.meta['vocab_size']}, "
+        raise ValueError(f"{data.dir} has vocab_size {data.meta['vocab_size']}, "
                          f"the model only {model.config.vocab_size}")
     if model.config.block_size < cfg['block_size']:
         raise ValueError(f"--block_size={cfg['block_size']} exceeds the model's block_size {model.config.block_size}")
+    check_batch_fits(cfg['batch_size'], cfg['block_size'], model.config, cfg['loops'], device)
     model.to(device)
     teacher_model = None
     if uses_teacher(cfg):
@@ -599,7 +717,11 @@ def train(cfg):
     iter_num, best_val_loss = 0, float('inf')
     if resume:
         base_lrs = [g['base_lr'] for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg['out_dir']}/ckpt.pt: its optimizer state does not fit this model's "
+                             f"parameters ({str(e)[:120]}); it cannot be resumed") from None
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group['base_lr'] = base_lr  # this run's learning rates, not the saved ones
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
@@ -707,13 +829,10 @@ def train(cfg):
 # the main job
 
 def prepare_reason_task(folder):
-    """data/reason, made (again) unless it holds the current task's data with its depths."""
+    """data/reason, made (again) unless it holds the current task's data, whole."""
     try:
-        with open(os.path.join(folder, 'meta.pkl'), 'rb') as f:
-            current = pickle.load(f).get('itos') == reason.WORDS
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        current = False
-    if not current or not has_depth_files(folder):
+        Data(folder, 1, 'cpu').check()
+    except (ValueError, OSError):
         reason.prepare(folder)
 
 

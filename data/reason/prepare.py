@@ -10,6 +10,7 @@ is written next to it (train_depth.bin: one uint8 per token), for train.py's dep
 
 $ python data/reason/prepare.py          writes train.bin / val.bin (uint16), train_depth.bin /
                                          val_depth.bin (uint8) and meta.pkl here
+$ python data/reason/prepare.py --out_dir=DIR    the same into DIR
 """
 import os
 import pickle
@@ -17,6 +18,10 @@ import random
 import sys
 
 import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for configurator.py
+from configurator import run_script, write_all  # noqa: E402 (after the path above)
 
 VARIABLES = 'abcdefgh'
 VALUES = '01234567'
@@ -87,24 +92,29 @@ def accuracy(model, loops, n=1000, device='cpu', chunk_size=None):
 
 
 def prepare(out_dir, n_train=200_000, n_val=5_000, seed=0):
-    """Writes meta.pkl last (and removes an old one first): a folder with a meta.pkl is whole."""
-    meta_file = os.path.join(out_dir, 'meta.pkl')
-    if os.path.exists(meta_file):
-        os.unlink(meta_file)
+    """Makes every file first, then writes them under temporary names and renames them only
+    once all are written (configurator.write_all): a failure leaves the old data set whole."""
     rng = random.Random(seed)
+    files = {}
     for split, n in (('train', n_train), ('val', n_val)):
         rows = [problem(rng) for _ in range(n)]
-        np.array([encode(p + [a]) for p, a, _ in rows], dtype=np.uint16).tofile(os.path.join(out_dir, f'{split}.bin'))
+        files[f'{split}.bin'] = np.array([encode(p + [a]) for p, a, _ in rows], dtype=np.uint16).tofile
         depth = np.repeat(np.array([h for _, _, h in rows], dtype=np.uint8), PROBLEM_LEN)  # each token: its problem's hops
-        depth.tofile(os.path.join(out_dir, f'{split}_depth.bin'))
+        files[f'{split}_depth.bin'] = depth.tofile
     meta = {'vocab_size': len(WORDS), 'itos': WORDS, 'stoi': STOI, 'tokenizer': 'reason',
             'loss_after': QUERY_IDS, 'row_len': PROBLEM_LEN, 'max_depth': MAX_HOPS}
-    with open(meta_file, 'wb') as f:
-        pickle.dump(meta, f)
+    write_all(out_dir, {**files, 'meta.pkl': lambda f: pickle.dump(meta, f)})
     print(f"wrote {n_train:,} + {n_val:,} problems ({PROBLEM_LEN} tokens each, vocab {len(WORDS)}) to {out_dir}")
 
 
+def main(argv):
+    out_dir = HERE
+    for arg in argv:
+        if not arg.startswith('--out_dir=') or arg == '--out_dir=':
+            raise ValueError(f"unknown option {arg!r}; expected nothing, or --out_dir=DIR")
+        out_dir = arg.removeprefix('--out_dir=')
+    prepare(out_dir)
+
+
 if __name__ == '__main__':
-    if len(sys.argv) > 1:
-        sys.exit(f"usage: python {sys.argv[0]} (no arguments), got {sys.argv[1:]}")
-    prepare(os.path.dirname(os.path.abspath(__file__)))
+    run_script(main)

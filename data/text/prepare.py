@@ -13,13 +13,13 @@ import hashlib
 import os
 import pickle
 import sys
-import tempfile
 import urllib.request
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for ouro.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for ouro.py and configurator.py
+from configurator import run_script, write_all  # noqa: E402 (after the path above)
 SHAKESPEARE = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
@@ -65,34 +65,10 @@ def prepare(input_file, out_dir, tokenizer='gpt2'):
     parts = {name: np.array(enc.encode_ordinary(part), dtype=np.uint16)
              for name, part in (('train', text[:split]), ('val', text[split:]))}
     meta = {'vocab_size': enc.n_vocab, 'tokenizer': tokenizer_id(tokenizer), 'tokenizer_path': tokenizer}
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    try:
-        for name, ids in parts.items():
-            written.append(write_temporary(out_dir, f'{name}.bin', ids.tofile))
-        written.append(write_temporary(out_dir, 'meta.pkl', lambda f: pickle.dump(meta, f)))
-    except BaseException:
-        for tmp, _ in written:
-            os.unlink(tmp)
-        raise
-    for tmp, final in written:
-        os.replace(tmp, final)
+    write_all(out_dir, {'train.bin': parts['train'].tofile, 'val.bin': parts['val'].tofile,
+                        'meta.pkl': lambda f: pickle.dump(meta, f)})
     for name, ids in parts.items():
         print(f"{name}: {len(ids):,} tokens")
-
-
-def write_temporary(out_dir, name, write):
-    """write(f) into a new temporary file next to `name`; returns (temporary, final) paths."""
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp, os.path.join(out_dir, name)
 
 
 def main(argv):
@@ -113,15 +89,10 @@ def main(argv):
             except OSError as e:
                 raise OSError(f"could not download {SHAKESPEARE} ({e}); offline, pass --input=FILE") from None
     elif not os.path.isfile(args['input']):
-        raise FileNotFoundError(f"--input={args['input']}: no such file")
+        raise FileNotFoundError(f"--input={args['input']}: {'a folder' if os.path.isdir(args['input']) else 'no such file'}, "
+                                f"expected a text file")
     prepare(args['input'], args['out_dir'], args['tokenizer'])
 
 
-if __name__ == '__main__':  # as train.run_script does, without importing torch for it
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("\ninterrupted: the data set was left as it was", file=sys.stderr)
-        sys.exit(130)
+if __name__ == '__main__':
+    run_script(main)
