@@ -3,6 +3,8 @@ a tiny Ouro folder, the reasoning data and a trained tiny LoopLM (fixtures)."""
 
 import json
 import math
+import os
+import pathlib
 import re
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 import train
 from data.reason import prepare as reason
-from melt import MELT, MELTConfig
+from melt import MELT, MELTConfig, rope_tables
 TINY = dict(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
             n_hidden=48, n_loops=3, rope_theta=10000.0, chunk_size=4)
 
@@ -28,13 +30,12 @@ def tiny_model(kv_sharing='melt', seed=0, **overrides):
 
 
 def in_float64(model):
-    """model.double(), with RoPE's tables recomputed in float64 (melt.py keeps them in fp32,
-    which would bound every float64 comparison at fp32's precision)."""
+    """model.double(), with melt.py's RoPE tables made in float64 (the model keeps them in fp32,
+    which would bound every float64 comparison at fp32's precision). melt.rope_tables itself,
+    so its mistakes show in every float64 test; test_rope_tables checks it on its own."""
     model = model.double()
-    hd, theta = model.config.head_dim, model.config.rope_theta
-    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.outer(torch.arange(model.config.block_size, dtype=torch.float64), inv_freq).repeat(1, 2)
-    model.rope_cos, model.rope_sin = angles.cos(), angles.sin()
+    c = model.config
+    model.rope_cos, model.rope_sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, dtype=torch.float64)
     return model
 
 
@@ -88,7 +89,10 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
     once its chunk is done; h^1 = x^1, then the gate), 'open' = keys/values from x but
     still one final row per token (Ouro's last-loop cache sharing), 'mean' = from the mean
     of the token's inputs x over the loops so far, 'ema:Z' = from h = Z h + (1 - Z) x, 'loop'
-    = LoopLM (at loop t every token attends to the loop-t K/V of earlier tokens)."""
+    = LoopLM (at loop t every token attends to the loop-t K/V of earlier tokens), 'blend:A' =
+    phase 1: every row attended to is A x MELT's gated row + (1 - A) x the LoopLM's loop-t row
+    from x, for past tokens and the chunk's own alike."""
+    blend = float(kv[6:]) if kv.startswith('blend:') else None
     W = {k: v.double() for k, v in weights.items()}
     d, nh, nkv, n_layer = cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['num_hidden_layers']
     theta, eps = cfg['rope_theta'], cfg['rms_norm_eps']
@@ -121,7 +125,7 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
                 for i, x in enumerate(xs):
                     h = latent[i][l]
                     inputs[i][l].append(x)
-                    if kv == 'gated' and h is not None:
+                    if (kv == 'gated' or blend is not None) and h is not None:
                         z = torch.sigmoid(W[p + 'self_attn.kv_gate.w_z.weight'] @ x
                                           + W[p + 'self_attn.kv_gate.u_z.weight'] @ h + W[p + 'self_attn.kv_gate.b_z'])
                         latent[i][l] = z * h + (1 - z) * x
@@ -131,16 +135,20 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
                         latent[i][l] = float(kv[4:]) * h + (1 - float(kv[4:])) * x
                     else:
                         latent[i][l] = x
-                chunk_kv = []
-                for i in range(size):
-                    k = [rope(v, pos + i) for v in heads(W[p + 'self_attn.k_proj.weight'] @ latent[i][l], nkv)]
-                    v = heads(W[p + 'self_attn.v_proj.weight'] @ latent[i][l], nkv)
-                    chunk_kv.append((k, v))
+                def rows(sources):  # each token's (key heads, value heads) from its K/V source vector
+                    return [([rope(v, pos + i) for v in heads(W[p + 'self_attn.k_proj.weight'] @ src, nkv)],
+                             heads(W[p + 'self_attn.v_proj.weight'] @ src, nkv)) for i, src in enumerate(sources)]
+                chunk_kv = rows([latent[i][l] for i in range(size)])
+                chunk_x = rows(xs) if blend is not None else chunk_kv  # the LoopLM's rows, from x
                 past = per_loop[t][l] if kv == 'loop' else final[l]
                 attn = []
                 for i, x in enumerate(xs):
                     q = [rope(v, pos + i) for v in heads(W[p + 'self_attn.q_proj.weight'] @ x, nh)]
                     seen = past + chunk_kv[:i + 1]
+                    if blend is not None:  # written out: A * MELT's row + (1 - A) * the LoopLM's, per head
+                        seen = [([blend * km + (1 - blend) * kl for km, kl in zip(m[0], o[0])],
+                                 [blend * vm + (1 - blend) * vl for vm, vl in zip(m[1], o[1])])
+                                for m, o in zip(seen, per_loop[t][l] + chunk_x[:i + 1])]
                     ys = []
                     for hq in range(nh):
                         g = hq // (nh // nkv)
@@ -154,7 +162,7 @@ def naive_forward(cfg, weights, ids, loops, schedule, kv='gated'):
                     m = W[p + 'mlp.down_proj.weight'] @ (torch.nn.functional.silu(W[p + 'mlp.gate_proj.weight'] @ m)
                                                          * (W[p + 'mlp.up_proj.weight'] @ m))
                     states[i] = s + rms(m, W[p + 'post_attention_layernorm_2.weight'])
-                per_loop[t][l] += chunk_kv
+                per_loop[t][l] += chunk_x
                 last_kv[l] = chunk_kv
             states = [rms(s, W['model.norm.weight']) for s in states]
         for l in range(n_layer):
@@ -329,6 +337,27 @@ def train_hf_tokenizer(lines, folder, vocab_size=3000, full_alphabet=True):
 TRAIN_TINY = ['--n_embd=32', '--n_hidden=64', '--n_head=2', '--n_kv_head=2', '--batch_size=8',
               '--block_size=18', '--loops=2', '--chunk_size=3', '--log_interval=1', '--warmup_iters=0',
               '--eval_iters=2', '--device=cpu', '--dtype=float32']
+
+
+@pytest.fixture(scope='session', autouse=True)
+def the_checkout_is_left_as_it_was():
+    """No test writes into the checkout (out/, data/, assets/): each writes under its tmp_path."""
+    here = pathlib.Path(__file__).parent
+    skip = {'.git', '__pycache__', '.pytest_cache', '.venv'}
+
+    def files():
+        found = {}
+        for folder, subfolders, names in os.walk(here):
+            subfolders[:] = [s for s in subfolders if s not in skip]
+            for name in names:
+                path = pathlib.Path(folder, name)
+                found[str(path.relative_to(here))] = path.stat().st_mtime_ns
+        return found
+    before = files()
+    yield
+    after = files()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests wrote into the checkout: {changed[:10]}"
 
 
 @pytest.fixture(scope='session')

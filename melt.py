@@ -41,10 +41,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x32, (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
-def rope_tables(head_dim, block_size, theta):
-    """cos and sin of every position's rotation angles, (block_size, head_dim), fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+def rope_tables(head_dim, block_size, theta, dtype=torch.float32):
+    """cos and sin of every position's rotation angles, (block_size, head_dim), fp32 (float64
+    for the tests' reference comparisons)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share angles
     return angles.cos(), angles.sin()
 

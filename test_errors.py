@@ -61,7 +61,7 @@ def test_prepare_text_leaves_the_data_set_whole_when_it_fails(tmp_path):
     prepare_text([f'--input={text}', f'--tokenizer=ouro:{folder}', f'--out_dir={tmp_path}/data'])
     before = snapshot(tmp_path / 'data')
     assert set(map(str, before)) == {'train.bin', 'val.bin', 'meta.pkl'}
-    with pytest.raises(FileNotFoundError, match=r'is not a folder with a tokenizer.json'):
+    with pytest.raises(FileNotFoundError, match=rf"'{folder}/tokenizer.json' is not a folder with a tokenizer.json"):
         prepare_text([f'--input={text}', f'--tokenizer=ouro:{folder}/tokenizer.json', f'--out_dir={tmp_path}/data'])
     assert snapshot(tmp_path / 'data') == before
 
@@ -197,16 +197,17 @@ def test_a_tokenizer_smaller_than_the_model_and_a_teacher_of_another_width(reaso
     ('sample', '--top_k=-3', r'--top_k must be >= 1 \(or 0 for the default\), got -3'),
     ('sample', '--kv_sharing=both', r"--kv_sharing must be one of melt, loop, got 'both'"),
     ('sample', '--exit_threshold=1.5', r'--exit_threshold must be in \(0, 1\] \(or 0 for every loop\), got 1.5'),
-    ('sample', '--exit_threshold=-0.1', r'--exit_threshold must be in \(0, 1\]'),
+    ('sample', '--exit_threshold=-0.1', r'--exit_threshold must be in \(0, 1\] \(or 0 for every loop\), got -0.1'),
     ('sample', '--start=', r'the prompt \(--start\) is empty'),
     ('bench', '--prompt_tokens=0', r'--prompt_tokens must be >= 1, got 0'),
     ('bench', '--train_batch=-1', r'--train_batch must be >= 1, got -1'),
     ('bench', '--threads=-2', r'--threads must be >= 1 \(or 0 for torch.s default\), got -2'),
     ('bench', '--loops=4,0', r"--loops must be loop counts in \[1, 1024\] separated by commas, e.g. 1,4,8; got '4,0'"),
 ])
-def test_values_out_of_range_are_refused(script, flag, match, reason_data, looplm_dir):
+def test_values_out_of_range_are_refused(script, flag, match, reason_data, looplm_dir, tmp_path):
     if script == 'train':
-        run = lambda: train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', flag])  # noqa: E731
+        run = lambda: train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', f'--out_dir={tmp_path}/out',  # noqa: E731
+                                               flag])
     elif script == 'sample':
         run = lambda: sample.main([f'--init_from={looplm_dir}', '--device=cpu', '--dtype=float32', flag])  # noqa: E731
     else:
@@ -216,10 +217,10 @@ def test_values_out_of_range_are_refused(script, flag, match, reason_data, loopl
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
-def test_cuda_on_a_machine_without_it(reason_data, looplm_dir):
+def test_cuda_on_a_machine_without_it(reason_data, looplm_dir, tmp_path):
     match = r'--device=cuda, but this machine has no CUDA device; use --device=cpu'
     with pytest.raises(ValueError, match=match):
-        train.main(TRAIN_TINY[:-2] + [f'--dataset={reason_data}', '--phase=loop', '--device=cuda'])
+        train.main(TRAIN_TINY[:-2] + [f'--dataset={reason_data}', '--phase=loop', '--device=cuda', f'--out_dir={tmp_path}/o'])
     with pytest.raises(ValueError, match=match):
         sample.main([f'--init_from={looplm_dir}', '--device=cuda'])
     with pytest.raises(ValueError, match=match):

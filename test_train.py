@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -56,13 +57,18 @@ def test_each_phase_lowers_its_loss(reason_data, looplm_dir, tmp_path, capsys):
     assert set(ckpt) == {'model', 'optimizer', 'model_args', 'config', 'iter_num', 'best_val_loss', 'phase'}
 
 
-def test_alpha_schedule_is_linear_then_one(reason_data, looplm_dir, tmp_path, capsys):
+def test_alpha_and_learning_rate_schedules(reason_data, looplm_dir, tmp_path, capsys):
+    """alpha: linear, then 1. The learning rate: warmup (it + 1) / (warmup + 1), then a cosine
+    from 1 to min_lr_ratio over the rest, by hand: lr x 0.1 + 0.9 x (1 + cos(pi p)) / 2."""
     cfg = train.phase_config('transition', {'transition_iters': 8})
     assert [train.alpha_at(cfg, i) for i in (0, 2, 4, 8, 12)] == [0.0, 0.25, 0.5, 1.0, 1.0]
     _, out = run_train(capsys, f'--dataset={reason_data}', '--phase=transition', f'--init_from={looplm_dir}',
-                       f'--out_dir={tmp_path}', '--max_iters=6', '--eval_interval=100', '--transition_iters=4')
+                       f'--out_dir={tmp_path}', '--max_iters=6', '--eval_interval=100', '--transition_iters=4',
+                       '--warmup_iters=2', '--learning_rate=1e-2', '--min_lr_ratio=0.1')
     logged = [float(a) for a in re.findall(r'alpha ([\d.]+)', out)]
     assert logged == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    by_hand = [1 / 3, 2 / 3] + [0.1 + 0.9 * (1 + math.cos(math.pi * p)) / 2 for p in (0, 0.25, 0.5, 0.75)]
+    assert re.findall(r', lr ([\d.e+-]+),', out) == [f'{1e-2 * f:.2e}' for f in by_hand]
 
 
 def test_distill_loss_is_zero_for_the_teacher_itself():
@@ -366,9 +372,10 @@ def test_config_files_set_values_in_plain_sight(tmp_path, capsys, reason_data, l
 
 def test_mismatched_data(reason_data, looplm_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r'no ckpt.pt in .*nowhere'):
-        train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=transition', f'--init_from={tmp_path}/nowhere'])
-    with pytest.raises(FileNotFoundError, match=r'no meta.pkl in'):
-        train.main(TRAIN_TINY + [f'--dataset={tmp_path}', '--phase=loop'])
+        train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=transition', f'--init_from={tmp_path}/nowhere',
+                                 f'--out_dir={tmp_path}/out'])
+    with pytest.raises(FileNotFoundError, match=rf'no meta.pkl in {tmp_path}: prepare the data set first'):
+        train.main(TRAIN_TINY + [f'--dataset={tmp_path}', '--phase=loop', f'--out_dir={tmp_path}/out'])
     bigger = tmp_path / 'bigger'
     bigger.mkdir()
     for f in ('train.bin', 'val.bin'):
@@ -376,7 +383,8 @@ def test_mismatched_data(reason_data, looplm_dir, tmp_path):
     with open(bigger / 'meta.pkl', 'wb') as f:
         pickle.dump({'vocab_size': 500, 'tokenizer': 'gpt2'}, f)
     with pytest.raises(ValueError, match=r'has vocab_size 500, the model only 137'):
-        train.main(TRAIN_TINY + [f'--dataset={bigger}', '--phase=transition', f'--init_from={looplm_dir}'])
+        train.main(TRAIN_TINY + [f'--dataset={bigger}', '--phase=transition', f'--init_from={looplm_dir}',
+                                 f'--out_dir={tmp_path}/out'])
 
 
 @pytest.mark.parametrize('phase', ['loop', 'transition'])
@@ -401,8 +409,13 @@ def test_ddp_two_processes_match_one_process(phase, reason_data, looplm_dir, tmp
     diff = torch.cat([(single[k] - ddp[k]).abs().flatten() for k in single])
     top_lr = 3e-3 if phase == 'loop' else 1e-2  # the transition's gates learn at gate_lr 1e-2
     assert (diff <= 1e-5).float().mean() > 0.999 and diff.max() <= 2 * 3 * top_lr, diff.max()  # 3 steps
-    assert any(not torch.equal(single[k], v) for k, v in MELT(MELTConfig(
-        **torch.load(f'{tmp_path}/single/ckpt.pt', weights_only=False)['model_args'])).state_dict().items())
+    # the weights did train: against the run's own start (train.py's seed, then the same model), every
+    # tensor moved, by at most 3 Adam steps of its learning rate (a start of other weights would be further)
+    cfg = train.phase_config(phase, train.parse_args(args, train.DEFAULTS))
+    torch.manual_seed(cfg['seed'])
+    start = train.load_model(cfg['init_from'], phase == 'loop' and 'loop' or 'melt', cfg, {'vocab_size': 137})[0].state_dict()
+    moved = {k: (single[k] - start[k]).abs().max().item() for k in single}
+    assert all(0 < m <= 3 * top_lr * 1.01 for m in moved.values()), moved
 
 
 def test_distill_from_a_tiny_ouro_folder(tmp_path, capsys):
@@ -424,7 +437,8 @@ def test_distill_from_a_tiny_ouro_folder(tmp_path, capsys):
     train_hf_tokenizer(varied_lines(100), other, vocab_size=280)
     prepare_text([f'--input={text}', f'--tokenizer=ouro:{other}', f'--out_dir={tmp_path}/data2'])
     with pytest.raises(ValueError, match=r"was tokenized with 'ouro:[0-9a-f]+', not with .*ouro's tokenizer"):
-        train.main(TRAIN_TINY + [f'--dataset={tmp_path}/data2', '--phase=distill', f'--init_from=ouro:{folder}'])
+        train.main(TRAIN_TINY + [f'--dataset={tmp_path}/data2', '--phase=distill', f'--init_from=ouro:{folder}',
+                                 f'--out_dir={tmp_path}/out'])
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,6 +501,8 @@ def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys, monkeypatch):
             ckpt = torch.load(tmp_path / 'no_chunks' / f'seed{seed}' / phase / 'ckpt.pt', weights_only=False)
             assert ckpt['config']['chunk_size'] == 18 and ckpt['config']['seed'] == seed  # TRAIN_TINY's block_size
     if importlib.util.find_spec('matplotlib'):
-        assert (tmp_path / 'fig.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        png = (tmp_path / 'fig.png').read_bytes()  # a PNG of two panels, drawn (width and height from IHDR)
+        assert png[:8] == b'\x89PNG\r\n\x1a\n' and int.from_bytes(png[16:20], 'big') > 2 * int.from_bytes(png[20:24], 'big') / 1.5
+        assert len(png) > 20_000
     else:
         assert 'no figure: matplotlib is not installed' in out and not (tmp_path / 'fig.png').exists()
