@@ -1,5 +1,6 @@
 """User mistakes: one clear line, a non-zero exit, and nothing the user had is touched."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -24,6 +25,15 @@ from conftest import (OURO_TINY, TRAIN_TINY, ouro_tensors, run_train, train_hf_t
 def snapshot(folder):
     """Every file under folder with its bytes: what a refused command must leave as it was."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@contextlib.contextmanager
+def unchanged(*folders):
+    """Every file under the folders byte-identical after the block (a refused command's promise)."""
+    folders = [pathlib.Path(f) for f in folders]
+    before = [snapshot(f) for f in folders]
+    yield
+    assert [snapshot(f) for f in folders] == before
 
 
 def copy_dir(src, dst):
@@ -124,9 +134,8 @@ def test_a_damaged_data_set_is_named(damage, reason_data, tmp_path):
     else:
         write_bytes(data / 'train.bin', (data / 'train.bin').read_bytes()[:-1])
         match = r'train.bin has \d+ bytes, an odd number: expected uint16 token ids'
-    with pytest.raises(ValueError, match=match):
+    with unchanged(tmp_path), pytest.raises(ValueError, match=match):
         train.main(TRAIN_TINY + [f'--dataset={data}', '--phase=loop', f'--out_dir={tmp_path}/out'])
-    assert not (tmp_path / 'out' / 'ckpt.pt').exists()
 
 
 @pytest.mark.parametrize('damage', ['safetensors truncated', 'integer tensor', 'config not an object',
@@ -172,12 +181,13 @@ def test_a_tokenizer_smaller_than_the_model_and_a_teacher_of_another_width(reaso
     folder = write_ouro_folder(tmp_path / 'ouro', dict(OURO_TINY, vocab_size=300),
                                ouro_tensors(dict(OURO_TINY, vocab_size=300)))
     train_hf_tokenizer(varied_lines(50), folder, vocab_size=280)
-    with pytest.raises(ValueError, match=r"the tokenizer has 28\d tokens, fewer than the model's vocabulary of 300"):
+    with unchanged(tmp_path), pytest.raises(ValueError, match=r"the tokenizer has 28\d tokens, fewer than the model's vocabulary of 300"):
         sample.main([f'--init_from=ouro:{folder}', '--device=cpu', '--dtype=float32', '--start=a'])
     wide = tmp_path / 'wide'
     train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', '--n_embd=64', '--max_iters=1',
                              '--eval_interval=1', f'--out_dir={wide}'])
-    with pytest.raises(ValueError, match=r'the teacher .*wide and the student differ in shape: n_embd 64 vs 32'):
+    with unchanged(tmp_path, looplm_dir), \
+            pytest.raises(ValueError, match=r'the teacher .*wide and the student differ in shape: n_embd 64 vs 32'):
         train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=distill', f'--init_from={looplm_dir}',
                                  f'--teacher={wide}', f'--out_dir={tmp_path}/distill'])
     assert not (tmp_path / 'distill' / 'ckpt.pt').exists()
@@ -212,18 +222,18 @@ def test_values_out_of_range_are_refused(script, flag, match, reason_data, loopl
         run = lambda: sample.main([f'--init_from={looplm_dir}', '--device=cpu', '--dtype=float32', flag])  # noqa: E731
     else:
         run = lambda: bench.main([flag])  # noqa: E731
-    with pytest.raises(ValueError, match=match):
+    with unchanged(reason_data, looplm_dir, tmp_path), pytest.raises(ValueError, match=match):
         run()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
 def test_cuda_on_a_machine_without_it(reason_data, looplm_dir, tmp_path):
     match = r'--device=cuda, but this machine has no CUDA device; use --device=cpu'
-    with pytest.raises(ValueError, match=match):
+    with unchanged(reason_data, looplm_dir, tmp_path), pytest.raises(ValueError, match=match):
         train.main(TRAIN_TINY[:-2] + [f'--dataset={reason_data}', '--phase=loop', '--device=cuda', f'--out_dir={tmp_path}/o'])
-    with pytest.raises(ValueError, match=match):
+    with unchanged(reason_data, looplm_dir, tmp_path), pytest.raises(ValueError, match=match):
         sample.main([f'--init_from={looplm_dir}', '--device=cuda'])
-    with pytest.raises(ValueError, match=match):
+    with unchanged(reason_data, looplm_dir, tmp_path), pytest.raises(ValueError, match=match):
         bench.main(['--device=cuda', '--only=memory'])
 
 
@@ -574,6 +584,7 @@ def test_every_field_of_a_checkpoint_is_checked(damage, reason_data, looplm_dir,
 
 def test_sizes_that_cannot_fit_are_refused_before_they_are_allocated(reason_data, looplm_dir, tmp_path):
     from melt import MELT, MELTConfig
+    fixture_files = snapshot(pathlib.Path(looplm_dir))
     model = MELT(MELTConfig(kv_sharing='loop', block_size=4096, n_layer=2, n_embd=64))
     with pytest.raises(ValueError, match=r"a KV cache of 4,096 x 4,096 tokens at 1000 loops would take 17,179.9 GB, "
                                          r"more than the [\d,.]+ GB free on cpu"):
@@ -591,7 +602,7 @@ def test_sizes_that_cannot_fit_are_refused_before_they_are_allocated(reason_data
                                          r"per token for each of 1 x 2 \(layers x loops\) blocks, would take 4,608.0 GB"):
         train.main(TRAIN_TINY + [f'--dataset={reason_data}', '--phase=loop', '--batch_size=1000000000',
                                  f'--out_dir={tmp_path}/out'])
-    assert not any(tmp_path.rglob('*.pt'))
+    assert not any(tmp_path.rglob('*.pt')) and snapshot(pathlib.Path(looplm_dir)) == fixture_files
     with pytest.raises(ValueError, match=r"loops must be an integer in \[1, 1024\], got 5000"):
         sample.main([f'--init_from={looplm_dir}', '--loops=5000', '--device=cpu', '--dtype=float32'])
 
