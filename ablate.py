@@ -212,10 +212,10 @@ def main(argv):
         return report(read_results(file), cfg)
     import train  # after the flags are checked: importing torch takes a while
     train_args = cfg['train_args'].split()
-    train.parse_args(train_args, train.DEFAULTS)  # a typo fails here, not in the first run
+    given = train.parse_args(train_args, train.DEFAULTS)  # a typo fails here, not in the first run
     t0 = time.time()
-    data_dir = os.path.join(train.DATA_DIR, 'reason')
-    train.prepare_reason_task(data_dir)
+    if given.get('dataset', train.DEFAULTS['dataset']) == 'reason':  # the task, made if missing; others are the user's
+        train.prepare_reason_task(os.path.join(train.DATA_DIR, 'reason'))
     loop_dir = os.path.join(cfg['out_dir'], 'loop')
     if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
         print(f"training the shared LoopLM into {loop_dir}", flush=True)
