@@ -19,6 +19,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from configurator import read_json, run_script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_LOOPS = (1, 2, 4, 8)
 # name: (--gate, what the row leaves out)
@@ -161,14 +163,7 @@ def parse(argv):
 def read_results(file):
     """results.json as ablate.py wrote it: {row: {seed: {loops: {'acc', 'per_hop', 'kv_bytes'}}}},
     every field checked, one line naming the file, the field and what was expected."""
-    try:
-        with open(file, encoding='utf-8') as f:
-            saved = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg.lower()}; "
-                         f"run python ablate.py again to remake it") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}); run python ablate.py again to remake it") from None
+    saved = read_json(file, 'run python ablate.py again to remake it')
 
     def check(ok, where, value, expected):
         if not ok:
@@ -244,5 +239,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from configurator import run_script
     run_script(main)

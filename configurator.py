@@ -8,6 +8,7 @@ first, in plain sight. Imports no torch, so a prepare script starts at once.
 """
 import ast
 import errno
+import json
 import os
 import re
 import signal
@@ -25,6 +26,22 @@ def torch_dtype(name):
 
 
 KINDS = {int: 'an integer', float: 'a number', bool: 'True or False', str: 'a string'}
+
+
+def is_int(v):
+    """An int that is not a bool (JSON's and pickle's True would pass isinstance(v, int))."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_json(file, remedy):
+    """A JSON file's value; one line naming the file, where it breaks, and `remedy` (what to do)."""
+    try:
+        with open(file, encoding='utf-8') as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg.lower()}; {remedy}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); {remedy}") from None
 
 
 def typed(key, value, default):

@@ -12,7 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from configurator import is_int, read_json
 from melt import MELT, MELTConfig, check_fits, rope_tables
+
+FETCH_AGAIN = 'fix it, or fetch the file again'  # what to do about a damaged file of an Ouro folder
 
 # Ouro's HuggingFace names differ from ours in a few module names; everything else is the same.
 OURO_MODULE_NAMES = {
@@ -46,7 +49,7 @@ def read_ouro_config(path):
     file = os.path.join(path, 'config.json')
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json in {path!r}: expected a HuggingFace Ouro folder")
-    hf = read_json(file)
+    hf = read_json(file, FETCH_AGAIN)
     if not isinstance(hf, dict):
         raise ValueError(f"{file} holds a JSON {type(hf).__name__}, expected an object of Ouro's settings")
     if hf.get('model_type') != 'ouro':
@@ -84,24 +87,13 @@ def read_ouro_config(path):
     return fields
 
 
-def read_json(file):
-    try:
-        with open(file, encoding='utf-8') as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg.lower()}; "
-                         f"fix it, or fetch the file again") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); fetch the file again") from None
-
-
 def ouro_tensor_files(path):
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     single, index = os.path.join(path, 'model.safetensors'), os.path.join(path, 'model.safetensors.index.json')
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        spec = read_json(index)
+        spec = read_json(index, FETCH_AGAIN)
         weight_map = spec.get('weight_map') if isinstance(spec, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files")
@@ -236,7 +228,7 @@ def ouro_tokenizer(path):
     file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no tokenizer.json at {path!r}")
-    spec = read_json(file)
+    spec = read_json(file, FETCH_AGAIN)
     model = spec.get('model') if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get('type') != 'BPE':
         raise ValueError(f"{file} holds no byte-level 'BPE' model (its 'model' is {str(model)[:60]!r})")
@@ -245,7 +237,7 @@ def ouro_tokenizer(path):
     if not isinstance(spec.get('added_tokens', []), list):
         raise ValueError(f"{file}: added_tokens is {str(spec['added_tokens'])[:60]!r}, expected a list")
     def is_id(v):
-        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 20
+        return is_int(v) and 0 <= v < 2 ** 20
     for t in spec.get('added_tokens', []):
         if not isinstance(t, dict) or not isinstance(t.get('content'), str) or not is_id(t.get('id')):
             raise ValueError(f"{file}: added_tokens holds {repr(t)[:80]}, expected objects with a 'content' string "

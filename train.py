@@ -33,8 +33,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from configurator import (DTYPES, check_choice, check_device, disk_error, parse_args, read_config_file, run_script,
-                          torch_dtype, write_temporary)
+from configurator import (DTYPES, check_choice, check_device, disk_error, is_int, parse_args, read_config_file,
+                          run_script, torch_dtype, write_temporary)
 from data.reason import prepare as reason
 from melt import GATES, MELT, MELTConfig, check_fits, still_looping
 from ouro import load_ouro, read_ouro_config
@@ -136,10 +136,6 @@ def phase_config(name, overrides):
 # -----------------------------------------------------------------------------
 # data
 
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def read_meta(folder):
     """A data set's meta.pkl, every field checked, each mistake one line that names the file,
     the field, its value and what was expected, and the command that remakes the data set. A
@@ -210,13 +206,14 @@ class Data:
         set has depths, and no token id past the vocabulary. Half a data set is refused, never
         trained on as something else."""
         for split in ('train', 'val'):
-            tokens = self.tokens(split)
-            if len(tokens) and int(tokens.max()) >= self.meta['vocab_size']:
-                raise ValueError(f"{os.path.join(self.dir, split + '.bin')} holds token id {int(tokens.max())}, not below "
+            top = int(self.tokens(split).max())  # tokens() has checked there are more than a block's
+            if top >= self.meta['vocab_size']:
+                raise ValueError(f"{os.path.join(self.dir, split + '.bin')} holds token id {top}, not below "
                                  f"meta.pkl's vocab_size {self.meta['vocab_size']}; remake the data set: "
                                  f"{remake_command(self.dir, self.meta)}")
-            if self.has_depth and len(tokens) and int(self.depths(split).max()) > self.meta['max_depth']:
-                raise ValueError(f"{os.path.join(self.dir, split + '_depth.bin')} holds depth {int(self.depths(split).max())}, "
+            deepest = int(self.depths(split).max()) if self.has_depth else 0
+            if deepest > self.meta.get('max_depth', 0):
+                raise ValueError(f"{os.path.join(self.dir, split + '_depth.bin')} holds depth {deepest}, "
                                  f"above meta.pkl's max_depth {self.meta['max_depth']}; remake the data set: "
                                  f"{remake_command(self.dir, self.meta)}")
 
