@@ -6,8 +6,10 @@ Its KV cache keeps one K/V per (loop, layer), so memory grows with the loops. ME
 K/V per layer, shared by all loops and updated by a learned element-wise gate, so the cache
 is the size of a plain transformer's however many loops run.
 
+Read it top to bottom: the config, the parts of a block (norm, RoPE, gate, attention), the
+cache, then the model's forward, its looped chunk and decoding; the argument checks last.
 Shapes: B batch, T tokens (of the call, or of the chunk being run), d = n_embd, nh and nkv
-query and K/V heads, hs = head_dim. README "Reading order" says which part to read first.
+query and K/V heads, hs = head_dim.
 
 References:
 1) MELT: "Memory-Efficient Looped Transformer: Decoupling Compute from Memory in Looped
@@ -20,13 +22,69 @@ References:
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+MAX_LOOPS = 1024  # our bound: Ouro trains 4 loops; a thousand is a hang, not a run
+GATES = ('element', 'scalar', 'last', 'first', 'mean', 'ema')  # KVGate's kinds
+
+
+@dataclass
+class MELTConfig:
+    vocab_size: int = 512
+    block_size: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 4  # must divide n_head (grouped K/V)
+    n_embd: int = 128
+    n_hidden: int = 352  # SwiGLU width
+    n_loops: int = 4  # default loop count; any count >= 1 may be asked per call
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    kv_sharing: str = 'melt'  # 'melt': the loops share one gated K/V per layer; 'loop': one per loop (LoopLM)
+    chunk_size: int = 64  # MELT's chunk-wise forward; 1 = exact sequential decoding
+    gate: str = 'element'  # how MELT's shared K/V mix the loops: one of GATES (KVGate)
+    ema_z: float = 0.5  # z of gate='ema'
+    gate_bias_init: float = -4.0  # b_z: z ~ 0.02 so h ~ x, i.e. start at Ouro's last-loop sharing
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def kv_bytes_per_token(self, loops=None, bytes_per_element=2):
+        """2 (K and V) * layers * kv heads * head_dim * bytes, times loops for the LoopLM."""
+        per_layer = 2 * self.n_kv_head * self.head_dim * bytes_per_element
+        return per_layer * self.n_layer * (1 if self.kv_sharing == 'melt' else (loops or self.n_loops))
+
+    def __post_init__(self):
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden'):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta!r} and {self.norm_eps!r}")
+        if self.kv_sharing not in ('melt', 'loop'):
+            raise ValueError(f"kv_sharing must be 'melt' or 'loop', got {self.kv_sharing!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if not 0 <= self.ema_z <= 1:
+            raise ValueError(f"ema_z must be in [0, 1], got {self.ema_z}")
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
+                             f"n_head by n_kv_head ({self.n_kv_head})")
+        if not 1 <= self.n_loops <= MAX_LOOPS:
+            raise ValueError(f"n_loops must be in [1, {MAX_LOOPS}], got {self.n_loops}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+# -----------------------------------------------------------------------------
+# the parts of a block
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (or wider), cast back to the input dtype before the weight (as Ouro)."""
@@ -55,142 +113,6 @@ def apply_rope(x, rope):
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
-
-def check_fits(nbytes, what, device):
-    """Refuse, before allocating it, what the device's free memory cannot hold."""
-    device = torch.device(device)
-    if device.type == 'cuda':
-        free = torch.cuda.mem_get_info(device)[0]
-    elif device.type == 'cpu' and os.path.isfile('/proc/meminfo'):
-        with open('/proc/meminfo') as f:
-            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:')), None)
-    else:  # meta, or no way to tell
-        return
-    if free is not None and nbytes > free:
-        raise ValueError(f"{what} would take {nbytes / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB free on {device}")
-
-
-class Chunk(NamedTuple):
-    """Where one chunk of T tokens sits while its loops run: the rotations, mask and rows of
-    its tokens, how many cached rows it sees, the cache it reads and writes, and alpha."""
-    rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs)
-    mask: Optional[torch.Tensor]  # (T, n_seen), True where a query may see a key; None: sees all
-    is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
-    rows: object  # its rows in the cache: slice(start, start + T), or pos itself in decode_step
-    n_seen: int  # cached rows the chunk attends to, its own included
-    cache: object  # a KVCache (inference) or a ChunkMemory (a forward without a cache)
-    alpha: float
-    index: int  # the chunk's number in this forward: ChunkMemory keeps its pieces by it
-    recompute_attention: bool  # training past the first chunk: backward recomputes the attention
-
-
-class KVCache:
-    """The keys and values kept between calls, in buffers allocated once; their shapes are
-    the memory story:
-
-        MELT    k, v            (n_layer, B, nkv, max_tokens, hs)          no loop axis
-        LoopLM  k_loop, v_loop  (loops, n_layer, B, nkv, max_tokens, hs)
-
-    The rule, in two lines (ChunkMemory keeps the same one for training):
-      at each (loop, layer) a chunk writes its K/V into its own rows, then attends to rows [0, its last row];
-      at the end of the chunk, commit() moves `length` past its rows, which now hold its final K/V.
-    MELT writes the same rows at every loop; the LoopLM a row per loop. A phase-1 cache
-    (0 < alpha < 1) holds both. Nothing is ever concatenated or reallocated."""
-
-    def __init__(self, config, batch_size, max_tokens, loops, alpha, device=None, dtype=None):
-        self.batch_size, self.max_tokens, self.loops, self.alpha = batch_size, max_tokens, loops, alpha
-        self.length = 0  # tokens committed
-        self.loops_run = []  # loops each committed chunk ran (fewer than asked after a Q-exit)
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_tokens, config.head_dim)
-
-        def zeros(*dims):
-            return torch.zeros(*dims, device=device, dtype=dtype)
-        self.k, self.v = (zeros(shape), zeros(shape)) if alpha > 0 else (None, None)
-        self.k_loop, self.v_loop = (zeros(loops, *shape), zeros(loops, *shape)) if alpha < 1 else (None, None)
-
-    def buffers(self):
-        return [t for t in (self.k, self.v, self.k_loop, self.v_loop) if t is not None]
-
-    @property
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.buffers())
-
-    def write(self, layer, k, v, chunk, loop=None):
-        """The chunk's K/V (B, nkv, T, hs) into its rows: MELT's (loop=None; the latest gated
-        K/V overwrite the last loop's) or the LoopLM's of that loop. Returns what the chunk
-        attends to, rows [0, its last row], as ([keys], [values])."""
-        keys, values = (self.k, self.v) if loop is None else (self.k_loop[loop], self.v_loop[loop])
-        keys[layer][:, :, chunk.rows] = k
-        values[layer][:, :, chunk.rows] = v
-        return [keys[layer][:, :, :chunk.n_seen]], [values[layer][:, :, :chunk.n_seen]]
-
-    def commit(self, n_tokens, loops_run):
-        """End of a chunk: its rows now hold final K/V. A LoopLM token that exited early
-        (Q-exit) has no K/V for later loops: we copy its last computed loop's K/V there, i.e.
-        later tokens see Ouro's 'last loop' sharing for it (our choice)."""
-        rows = slice(self.length, self.length + n_tokens)
-        if self.k_loop is not None and loops_run < self.loops:
-            for buf in (self.k_loop, self.v_loop):
-                buf[loops_run:, :, :, :, rows] = buf[loops_run - 1, :, :, :, rows]
-        self.length += n_tokens
-        self.loops_run.append(loops_run)
-
-
-class ChunkMemory:
-    """What a forward without a KVCache (training, scoring) keeps of earlier chunks: each
-    chunk's final K/V as a tensor of its own, per layer (MELT) or per (loop, layer) (LoopLM).
-    Autograd then holds every token's K/V once; attention joins the pieces inside activation
-    checkpointing, so backward recomputes the join instead of storing one per chunk.
-    Gradients flow into earlier chunks' K/V (the paper does not say; a stop-gradient is the
-    other choice). Pieces are kept by chunk index, so a block that backward recomputes
-    (MELT.recompute_blocks) writes and reads the very same ones."""
-
-    def __init__(self, n_layer, loops, alpha):
-        self.alpha, self.length = alpha, 0
-        self.k = [[] for _ in range(n_layer)] if alpha > 0 else None
-        self.v = [[] for _ in range(n_layer)] if alpha > 0 else None
-        self.k_loop = [[[] for _ in range(n_layer)] for _ in range(loops)] if alpha < 1 else None
-        self.v_loop = [[[] for _ in range(n_layer)] for _ in range(loops)] if alpha < 1 else None
-        self.pending = [None] * n_layer  # the current chunk's latest gated K/V, per layer
-
-    def write(self, layer, k, v, chunk, loop=None):
-        """As KVCache.write; MELT's K/V join the kept pieces at commit(), the LoopLM's at once."""
-        c = chunk.index
-        if loop is None:
-            self.pending[layer] = (k, v)
-            return self.k[layer][:c] + [k], self.v[layer][:c] + [v]
-        self.k_loop[loop][layer][c:c + 1] = [k]  # appends; a recomputed block replaces its own piece
-        self.v_loop[loop][layer][c:c + 1] = [v]
-        return self.k_loop[loop][layer][:c + 1], self.v_loop[loop][layer][:c + 1]
-
-    def commit(self, n_tokens, loops_run):  # Q-exit is for a KVCache: every loop has run here
-        if self.k is not None:
-            for layer, (k, v) in enumerate(self.pending):
-                self.k[layer].append(k)
-                self.v[layer].append(v)
-        self.length += n_tokens
-
-
-def attend(q, kv_melt, kv_loop, alpha, mask, is_causal, group):
-    """Attention of q (B, nh, T, hs) over what the cache returned: (keys, values), each a list
-    of pieces along the token axis, for MELT and/or the LoopLM. At 0 < alpha < 1 (phase 1)
-    K/V = alpha * KV_MELT + (1 - alpha) * KV_LoopLM, past tokens included."""
-    def join(pieces):
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-    if kv_loop is None:
-        k, v = join(kv_melt[0]), join(kv_melt[1])
-    elif kv_melt is None:
-        k, v = join(kv_loop[0]), join(kv_loop[1])
-    else:
-        k = alpha * join(kv_melt[0]) + (1 - alpha) * join(kv_loop[0])
-        v = alpha * join(kv_melt[1]) + (1 - alpha) * join(kv_loop[1])
-    if group > 1:  # grouped K/V: query head i uses K/V head i // group
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # scale hs^-0.5
-
-
-GATES = ('element', 'scalar', 'last', 'first', 'mean', 'ema')
 
 
 class KVGate(nn.Module):
@@ -225,6 +147,16 @@ class KVGate(nn.Module):
         return torch.lerp(x, h_prev, z)  # = z * h_prev + (1 - z) * x, in one operation
 
 
+class Chunk(NamedTuple):
+    """Where one chunk of T tokens sits while its loops run (MELT._run_chunk makes it)."""
+    rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs)
+    mask: Optional[torch.Tensor]  # (T, n_seen), True where a query may see a key; None: sees all
+    is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
+    rows: Union[slice, torch.Tensor]  # its rows in the cache: slice(start, start + T), or pos in decode_step
+    n_seen: int  # cached rows the chunk attends to, its own included
+    recompute_attention: bool  # training past the first chunk: backward recomputes the attention
+
+
 class Attention(nn.Module):
 
     def __init__(self, config, layer):
@@ -236,12 +168,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.kv_gate = KVGate(config.n_embd, config.gate, config.ema_z) if config.kv_sharing == 'melt' else None
-
-    def project_kv(self, h, rope):
-        B, T, _ = h.shape
-        k = self.k_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rope(k, rope), v  # (B, nkv, T, hs)
 
     def project(self, x, h, loop, rope, melt, looplm):
         """x: this layer's normed attention input (B, T, d); h: MELT's latent, the gated
@@ -258,20 +184,35 @@ class Attention(nn.Module):
             kv_loop = self.project_kv(x, rope)
         return q, kv_melt, kv_loop, h
 
-    def forward(self, q, kv_melt, kv_loop, loop, chunk):
-        """The chunk's K/V written into its rows of the cache, then q attends to rows up to its
-        own. Returns (B, T, nh * hs), before o_proj."""
+    def project_kv(self, h, rope):
+        B, T, _ = h.shape
+        k = self.k_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return apply_rope(k, rope), v  # (B, nkv, T, hs)
+
+    def forward(self, q, kv_melt, kv_loop, loop, chunk, cache):
+        """The chunk's K/V go into its rows of the cache, then q attends to rows up to its own
+        (cache.update). Returns (B, T, nh * hs), before o_proj."""
         B, _, T, _ = q.shape
-        if kv_melt is not None:
-            kv_melt = chunk.cache.write(self.layer, *kv_melt, chunk)
-        if kv_loop is not None:
-            kv_loop = chunk.cache.write(self.layer, *kv_loop, chunk, loop)
-        args = (q, kv_melt, kv_loop, chunk.alpha, chunk.mask, chunk.is_causal, self.n_head // self.n_kv_head)
+        keys, values = cache.update(self.layer, loop, chunk.rows, chunk.n_seen, kv_melt, kv_loop)
+        args = (q, keys, values, chunk.mask, chunk.is_causal, self.n_head // self.n_kv_head)
         if chunk.recompute_attention:
             y = checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
         else:
             y = attend(*args)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+
+
+def attend(q, keys, values, mask, is_causal, group):
+    """Attention of q (B, nh, T, hs) over what cache.update returned: keys and values, each a
+    list of (weight, pieces along the token axis) per kind of K/V it holds, mixed by weight."""
+    def mix(sources):
+        joined = [(w, p[0] if len(p) == 1 else torch.cat(p, dim=2)) for w, p in sources]
+        return joined[0][1] if len(joined) == 1 else sum(w * t for w, t in joined)
+    k, v = mix(keys), mix(values)
+    if group > 1:  # grouped K/V: query head i uses K/V head i // group
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # scale hs^-0.5
 
 
 class MLP(nn.Module):
@@ -299,12 +240,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.mlp_norm_out = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x, h, loop, chunk):
+    def forward(self, x, h, loop, chunk, cache):
         """x (B, T, d): the residual stream; h: MELT's latent of the loop before (or None).
         Only the attention in the middle touches the cache; the two parts around it are plain
         per-token math, the same for every layer and loop (MELT.compile_blocks compiles them)."""
-        q, kv_melt, kv_loop, h = self.before_attention(x, h, loop, chunk.rope, chunk.alpha > 0, chunk.alpha < 1)
-        y = self.attn(q, kv_melt, kv_loop, loop, chunk)
+        q, kv_melt, kv_loop, h = self.before_attention(x, h, loop, chunk.rope, cache.holds_melt, cache.holds_looplm)
+        y = self.attn(q, kv_melt, kv_loop, loop, chunk, cache)
         x, attn_out = self.after_attention(x, y)
         return x, h, attn_out
 
@@ -317,64 +258,119 @@ class Block(nn.Module):
         return x + self.mlp_norm_out(self.mlp(self.mlp_norm_in(x))), attn_out
 
 
-MAX_LOOPS = 1024  # our bound: Ouro trains 4 loops; a thousand is a hang, not a run
+# -----------------------------------------------------------------------------
+# the cache
 
+class Cache:
+    """The rule of both caches, written once (update): at each (loop, layer) a chunk writes its
+    K/V into its own rows, then attends to rows [0, n_seen). MELT writes the same rows at every
+    loop, so the latest gated K/V overwrite the loop before's; the LoopLM writes that loop's
+    own rows. alpha says what the cache holds: 1 MELT's K/V, 0 the LoopLM's, and in between
+    (phase 1) both, attended to as alpha * KV_MELT + (1 - alpha) * KV_LoopLM, past tokens too.
+    A subclass keeps the K/V (k, v per layer; k_loop, v_loop per loop and layer) and says how
+    rows are put into a store and read back (put, upto)."""
 
-@dataclass
-class MELTConfig:
-    vocab_size: int = 512
-    block_size: int = 256
-    n_layer: int = 2
-    n_head: int = 4
-    n_kv_head: int = 4  # must divide n_head (grouped K/V)
-    n_embd: int = 128
-    n_hidden: int = 352  # SwiGLU width
-    n_loops: int = 4  # default loop count; any count >= 1 may be asked per call
-    rope_theta: float = 1e6
-    norm_eps: float = 1e-6
-    kv_sharing: str = 'melt'  # 'melt': the loops share one gated K/V per layer; 'loop': one per loop (LoopLM)
-    chunk_size: int = 64  # MELT's chunk-wise forward; 1 = exact sequential decoding
-    gate: str = 'element'  # how MELT's shared K/V mix the loops: one of GATES (KVGate)
-    ema_z: float = 0.5  # z of gate='ema'
-    gate_bias_init: float = -4.0  # b_z: z ~ 0.02 so h ~ x, i.e. start at Ouro's last-loop sharing
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden'):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (self.rope_theta > 0 and self.norm_eps > 0):
-            raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta!r} and {self.norm_eps!r}")
-        if self.kv_sharing not in ('melt', 'loop'):
-            raise ValueError(f"kv_sharing must be 'melt' or 'loop', got {self.kv_sharing!r}")
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if not 0 <= self.ema_z <= 1:
-            raise ValueError(f"ema_z must be in [0, 1], got {self.ema_z}")
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
-                             f"n_head by n_kv_head ({self.n_kv_head})")
-        if not 1 <= self.n_loops <= MAX_LOOPS:
-            raise ValueError(f"n_loops must be in [1, {MAX_LOOPS}], got {self.n_loops}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+    def __init__(self, alpha):
+        self.alpha, self.length = alpha, 0  # length: tokens committed
 
     @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
+    def holds_melt(self):
+        return self.alpha > 0
 
-    def kv_bytes_per_token(self, loops=None, bytes_per_element=2):
-        """2 (K and V) * layers * kv heads * head_dim * bytes, times loops for the LoopLM."""
-        per_layer = 2 * self.n_kv_head * self.head_dim * bytes_per_element
-        return per_layer * self.n_layer * (1 if self.kv_sharing == 'melt' else (loops or self.n_loops))
+    @property
+    def holds_looplm(self):
+        return self.alpha < 1
+
+    def update(self, layer, loop, rows, n_seen, kv_melt, kv_loop):
+        """kv_melt, kv_loop: the chunk's (k, v), each (B, nkv, T, hs), or None. Returns what it
+        attends to: (keys, values), each [(weight, [pieces along the token axis])]."""
+        stores = []  # (weight, keys, values, the chunk's (k, v))
+        if kv_melt is not None:
+            stores.append((self.alpha, self.k[layer], self.v[layer], kv_melt))
+        if kv_loop is not None:
+            stores.append((1 - self.alpha, self.k_loop[loop][layer], self.v_loop[loop][layer], kv_loop))
+        for _, keys, values, (k, v) in stores:
+            self.put(keys, rows, k)
+            self.put(values, rows, v)
+        return ([(w, self.upto(keys, n_seen)) for w, keys, _, _ in stores],
+                [(w, self.upto(values, n_seen)) for w, _, values, _ in stores])
 
 
-def still_looping(lam):
-    """prod_{j<=t}(1 - lambda_j) for every loop t, from the per-loop exit probabilities
-    lambda (..., loops) = sigmoid(exit logits): the probability that a token loops on after loop t."""
-    return torch.cumprod(1 - lam, dim=-1)
+class KVCache(Cache):
+    """The keys and values kept between calls, in buffers allocated once; their shapes are
+    the memory story:
 
+        MELT    k, v            (n_layer, B, nkv, max_tokens, hs)          no loop axis
+        LoopLM  k_loop, v_loop  (loops, n_layer, B, nkv, max_tokens, hs)
+
+    At the end of a chunk, commit() moves `length` past its rows, which now hold its final
+    K/V. Nothing is ever concatenated or reallocated."""
+
+    def __init__(self, config, batch_size, max_tokens, loops, alpha, device=None, dtype=None):
+        super().__init__(alpha)
+        self.batch_size, self.max_tokens, self.loops = batch_size, max_tokens, loops
+        self.loops_run = []  # loops each committed chunk ran (fewer than asked after a Q-exit)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_tokens, config.head_dim)
+
+        def zeros(*dims):
+            return torch.zeros(*dims, device=device, dtype=dtype)
+        self.k, self.v = (zeros(shape), zeros(shape)) if self.holds_melt else (None, None)
+        self.k_loop, self.v_loop = (zeros(loops, *shape), zeros(loops, *shape)) if self.holds_looplm else (None, None)
+
+    def put(self, store, rows, x):
+        store[:, :, rows] = x
+
+    def upto(self, store, n_seen):
+        return [store[:, :, :n_seen]]  # one piece: the buffer's first rows, a view
+
+    def buffers(self):
+        return [t for t in (self.k, self.v, self.k_loop, self.v_loop) if t is not None]
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def commit(self, n_tokens, loops_run):
+        """End of a chunk: its rows now hold final K/V. A LoopLM token that exited early
+        (Q-exit) has no K/V for later loops: we copy its last computed loop's K/V there, i.e.
+        later tokens see Ouro's 'last loop' sharing for it (our choice)."""
+        rows = slice(self.length, self.length + n_tokens)
+        if self.holds_looplm and loops_run < self.loops:
+            for buf in (self.k_loop, self.v_loop):
+                buf[loops_run:, :, :, :, rows] = buf[loops_run - 1, :, :, :, rows]
+        self.length += n_tokens
+        self.loops_run.append(loops_run)
+
+
+class ChunkMemory(Cache):
+    """What a forward without a KVCache (training, scoring) keeps of earlier chunks: each
+    chunk's final K/V as a tensor of its own, by its first row. Autograd then holds every
+    token's K/V once; attention joins the pieces inside activation checkpointing, so backward
+    recomputes the join instead of storing one per chunk. Gradients flow into earlier chunks'
+    K/V (the paper does not say; a stop-gradient is the other choice). A later loop, or a block
+    that backward recomputes (MELT.recompute_blocks), replaces the chunk's own piece."""
+
+    def __init__(self, n_layer, loops, alpha):
+        super().__init__(alpha)
+
+        def stores():
+            return [{} for _ in range(n_layer)]
+        self.k, self.v = (stores(), stores()) if self.holds_melt else (None, None)
+        self.k_loop, self.v_loop = ([stores() for _ in range(loops)], [stores() for _ in range(loops)]) \
+            if self.holds_looplm else (None, None)
+
+    def put(self, store, rows, x):
+        store[rows.start] = x
+
+    def upto(self, store, n_seen):
+        return [x for start, x in store.items() if start < n_seen]  # in chunk order
+
+    def commit(self, n_tokens, loops_run):  # Q-exit is for a KVCache: every loop has run here
+        self.length += n_tokens
+
+
+# -----------------------------------------------------------------------------
+# the model
 
 class MELT(nn.Module):
 
@@ -396,6 +392,123 @@ class MELT(nn.Module):
         self.apply(self._init_weights)
         self.reset_gates()
 
+    def forward(self, idx, targets=None, loops=None, chunk_size=None, alpha=None, cache=None,
+                return_aux=False, exit_threshold=None, last_only=False):
+        """idx (B, T) token ids. Runs chunk by chunk; every chunk runs all its loops before the
+        next chunk starts, so a chunk sees the FINAL K/V of earlier chunks (the paper's
+        chunk-wise training; chunk_size=1 is exact decoding). With a KVCache the new tokens
+        are appended to it (prefill or decode), and no gradients are recorded.
+        Returns (logits of the last loop run (B, T, V), or (B, 1, V) with last_only, loss).
+        With return_aux it returns only a dict for training's losses: every loop's normed
+        'states' (B, T, d), 'exit_logits' (B, T, loops), 'attn' = [loop][layer] attention
+        outputs, and the LM head's weight 'head'. It holds no logits: a loss makes each loop's
+        from its state, a few tokens at a time, since with a large vocabulary every loop's
+        logits at once are most of a training step's memory."""
+        loops = self._check_loops(loops)
+        if cache is None:  # lives for this call only
+            cache = ChunkMemory(self.config.n_layer, loops, self._check_alpha(alpha))
+        chunk_size = self._check_call(idx, targets, loops, chunk_size, alpha, cache, return_aux, exit_threshold,
+                                      last_only)
+        aux = {'states': [[] for _ in range(loops)],
+               'attn': [[[] for _ in self.layers] for _ in range(loops)]} if return_aux else None
+        outputs = []  # the last loop's normed state of each chunk
+        with torch.no_grad() if isinstance(cache, KVCache) else nullcontext():
+            for start in range(0, idx.size(1), chunk_size):
+                x = self.embed_tokens(idx[:, start:start + chunk_size])
+                x, loops_run = self._run_chunk(x, cache, loops, exit_threshold, aux, first=start == 0)
+                cache.commit(x.size(1), loops_run)
+                outputs.append(x[:, -1:] if last_only else x)
+        if return_aux:
+            states = [torch.cat(per_chunk, dim=1) for per_chunk in aux['states']]
+            return {'states': states,
+                    'exit_logits': torch.cat([self.exit_gate(s) for s in states], dim=-1),  # (B, T, loops)
+                    'attn': [[torch.cat(per_chunk, dim=1) for per_chunk in per_layer] for per_layer in aux['attn']],
+                    'head': self.lm_head.weight.view_as(self.lm_head.weight)}  # (V, d); a view, so DDP sees the head used
+        logits = self.lm_head(outputs[-1] if last_only else torch.cat(outputs, dim=1))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def _run_chunk(self, x, cache, loops, exit_threshold=None, aux=None, pos=None, first=True):
+        """All loops of one chunk x (B, T, d). Returns the last loop's normed state and the
+        number of loops run; keeps nothing of earlier loops unless `aux` collects them. With
+        exit_threshold q the chunk stops at the first loop where every token's cumulative exit
+        probability reaches q (Ouro's Q-exit). `pos` (decode_step) fixes the shapes: the chunk
+        then attends to the whole buffer through a mask. `first`: the forward's first chunk."""
+        T = x.size(1)
+        static = pos is not None
+        if not static:
+            pos = torch.arange(cache.length, cache.length + T, device=x.device)
+        n_seen = cache.max_tokens if static else cache.length + T
+        is_causal = T > 1 and n_seen == T  # the chunk sees only itself
+        mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
+        if (T > 1 or static) and not is_causal:
+            mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
+        rows = pos if static else slice(cache.length, cache.length + T)
+        training = torch.is_grad_enabled()
+        recompute = training and self.recompute_blocks
+        chunk = Chunk((self.rope_cos[pos], self.rope_sin[pos]), mask, is_causal, rows, n_seen,
+                      recompute_attention=training and not first and not recompute)
+        h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
+        exit_logits = []  # Q-exit: every loop's, (B, T, 1)
+        for loop in range(loops):
+            for layer, block in enumerate(self.layers):
+                if recompute:  # activation checkpointing: keep the block's inputs, recompute the rest in backward
+                    x, h[layer], attn_out = checkpoint(block, x, h[layer], loop, chunk, cache, use_reentrant=False,
+                                                       preserve_rng_state=False)
+                else:
+                    x, h[layer], attn_out = block(x, h[layer], loop, chunk, cache)
+                if aux is not None:
+                    aux['attn'][loop][layer].append(attn_out)
+            x = self.norm(x)  # the final norm after every loop feeds the next loop
+            if aux is not None:
+                aux['states'][loop].append(x)
+            if exit_threshold is not None and loop < loops - 1:  # stop once every token's exit CDF reaches q
+                exit_logits.append(self.exit_gate(x))
+                lam = torch.sigmoid(torch.cat(exit_logits, dim=-1).float())
+                if bool((1 - still_looping(lam)[..., -1] >= exit_threshold).all()):
+                    break
+        return x, loop + 1
+
+    # -------------------------------------------------------------------------
+    # decoding (sample.py's generate prefills with forward, then decodes token by token)
+
+    def new_cache(self, batch_size, max_tokens=None, loops=None, alpha=None):
+        """An empty KVCache for up to max_tokens tokens (default block_size), allocated now on
+        the model's device and in its dtype. A LoopLM cache is made for one loop count."""
+        max_tokens = self.config.block_size if max_tokens is None else max_tokens
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.config.block_size:
+            raise ValueError(f"max_tokens must be between 1 and block_size {self.config.block_size}, got {max_tokens!r}")
+        w, loops, alpha = self.lm_head.weight, self._check_loops(loops), self._check_alpha(alpha)
+        c = self.config
+        rows = (alpha > 0) + loops * (alpha < 1)  # MELT's one K/V per layer, the LoopLM's one per loop
+        check_fits(2 * c.n_layer * c.n_kv_head * c.head_dim * w.element_size() * rows * batch_size * max_tokens,
+                   f"a KV cache of {batch_size:,} x {max_tokens:,} tokens at {loops} loops", w.device)
+        return KVCache(self.config, batch_size, max_tokens, loops, alpha, device=w.device, dtype=w.dtype)
+
+    def decode_step(self, idx, cache, pos, loops):
+        """One new token per sequence, idx (B, 1) at position pos (a (1,) tensor), with shapes
+        that stay the same from step to step, so torch.compile can capture it (gpt-fast's
+        decode_one_token). Returns logits (B, 1, V); the caller commits the token."""
+        x, _ = self._run_chunk(self.embed_tokens(idx), cache, loops, pos=pos)
+        return self.lm_head(x)
+
+    def compile_blocks(self, **options):
+        """torch.compile the two parts of every block around its attention (regional
+        compilation). They hold no cache and no per-layer value, so one compiled code serves
+        every layer and every loop: compile time does not grow with n_layer x loops, and no
+        cache length enters a compiled graph, so a longer generation recompiles nothing."""
+        for block in self.layers:
+            block.before_attention = torch.compile(block.before_attention, **options)
+            block.after_attention = torch.compile(block.after_attention, **options)
+        self.blocks_compiled = True
+        return self
+
+    # -------------------------------------------------------------------------
+    # weights
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
@@ -411,6 +524,11 @@ class MELT(nn.Module):
             gate.u_z.weight.zero_()
             gate.b_z.fill_(self.config.gate_bias_init)
 
+    def gate_modules(self):
+        """The gates with parameters ('element', 'scalar'); none in a LoopLM."""
+        gates = [block.attn.kv_gate for block in self.layers] if self.config.kv_sharing == 'melt' else []
+        return [gate for gate in gates if gate.learned]
+
     def with_kv_sharing(self, kv_sharing):
         """The same base weights as a 'melt' or 'loop' model: a LoopLM becomes MELT with new
         gates (reset_gates), a MELT model becomes the LoopLM without its gates."""
@@ -422,37 +540,42 @@ class MELT(nn.Module):
         model.load_state_dict(base, strict=kv_sharing == 'loop')  # 'melt': the gates keep reset_gates' init
         return model
 
-    def gate_modules(self):
-        """The gates with parameters ('element', 'scalar')."""
-        return [block.attn.kv_gate for block in self.layers if block.attn.kv_gate is not None
-                and block.attn.kv_gate.learned]
-
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def compile_blocks(self, **options):
-        """torch.compile the two parts of every block around its attention (regional
-        compilation). They hold no cache and no per-layer value, so one compiled code serves
-        every layer and every loop: compile time does not grow with n_layer x loops, and no
-        cache length enters a compiled graph, so a longer generation recompiles nothing."""
-        for block in self.layers:
-            block.before_attention = torch.compile(block.before_attention, **options)
-            block.after_attention = torch.compile(block.after_attention, **options)
-        self.blocks_compiled = True
-        return self
+    # -------------------------------------------------------------------------
+    # the argument checks
 
-    def new_cache(self, batch_size, max_tokens=None, loops=None, alpha=None):
-        """An empty KVCache for up to max_tokens tokens (default block_size), allocated now on
-        the model's device and in its dtype. A LoopLM cache is made for one loop count."""
-        max_tokens = self.config.block_size if max_tokens is None else max_tokens
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.config.block_size:
-            raise ValueError(f"max_tokens must be between 1 and block_size {self.config.block_size}, got {max_tokens!r}")
-        w, loops, alpha = self.lm_head.weight, self._check_loops(loops), self._check_alpha(alpha)
-        c = self.config
-        rows = (alpha > 0) + loops * (alpha < 1)  # MELT's one K/V per layer, the LoopLM's one per loop
-        check_fits(2 * c.n_layer * c.n_kv_head * c.head_dim * w.element_size() * rows * batch_size * max_tokens,
-                   f"a KV cache of {batch_size:,} x {max_tokens:,} tokens at {loops} loops", w.device)
-        return KVCache(self.config, batch_size, max_tokens, loops, alpha, device=w.device, dtype=w.dtype)
+    def _check_call(self, idx, targets, loops, chunk_size, alpha, cache, return_aux, exit_threshold, last_only):
+        """forward's other arguments, checked against each other and the cache; returns chunk_size."""
+        B, T = idx.shape
+        if exit_threshold is not None and (return_aux or not isinstance(cache, KVCache)):
+            raise ValueError("exit_threshold (Q-exit) is for decoding into a KVCache, without return_aux")
+        if exit_threshold is not None and not 0 < exit_threshold <= 1:
+            raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
+        if return_aux and (targets is not None or last_only):
+            raise ValueError("return_aux returns every loop's states for the caller's own losses: "
+                             "it takes no targets and no last_only")
+        limit, what = self.config.block_size, 'block_size'
+        if isinstance(cache, KVCache):
+            if alpha is not None and self._check_alpha(alpha) != cache.alpha:
+                raise ValueError(f"cache was made for alpha={cache.alpha}, got alpha={alpha}")
+            limit, what = cache.max_tokens, 'the max_tokens of the cache'
+            if cache.batch_size != B:
+                raise ValueError(f"cache was made for batch size {cache.batch_size}, got {B}")
+            if cache.holds_looplm and cache.loops != loops:
+                raise ValueError(f"a LoopLM cache keeps one K/V per loop and was made for "
+                                 f"{cache.loops} loops, got loops={loops}")
+        if chunk_size is None:  # chunking is exact (so pointless) for the LoopLM
+            chunk_size = self.config.chunk_size if cache.holds_melt else T
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if T == 0 or cache.length + T > limit:
+            raise ValueError(f"{cache.length} cached + {T} new tokens must be between 1 and {what} {limit}")
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return chunk_size
 
     def _check_loops(self, loops):
         loops = self.config.n_loops if loops is None else loops
@@ -470,119 +593,22 @@ class MELT(nn.Module):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         return alpha
 
-    def _check_call(self, idx, targets, loops, chunk_size, alpha, cache, return_aux, exit_threshold, last_only):
-        """The arguments of forward, checked; returns (loops, alpha, chunk_size, cache)."""
-        B, T = idx.shape
-        if exit_threshold is not None and (return_aux or not isinstance(cache, KVCache)):
-            raise ValueError("exit_threshold (Q-exit) is for decoding into a KVCache, without return_aux")
-        if return_aux and (targets is not None or last_only):
-            raise ValueError("return_aux returns every loop's states for the caller's own losses: "
-                             "it takes no targets and no last_only")
-        loops = self._check_loops(loops)
-        if cache is None:  # lives for this call only
-            alpha = self._check_alpha(alpha)
-            cache = ChunkMemory(self.config.n_layer, loops, alpha)
-            limit, what = self.config.block_size, 'block_size'
-        else:
-            if alpha is not None and self._check_alpha(alpha) != cache.alpha:
-                raise ValueError(f"cache was made for alpha={cache.alpha}, got alpha={alpha}")
-            alpha, limit, what = cache.alpha, cache.max_tokens, 'the max_tokens of the cache'
-            if cache.batch_size != B:
-                raise ValueError(f"cache was made for batch size {cache.batch_size}, got {B}")
-            if cache.k_loop is not None and cache.loops != loops:
-                raise ValueError(f"a LoopLM cache keeps one K/V per loop and was made for "
-                                 f"{cache.loops} loops, got loops={loops}")
-        if chunk_size is None:  # chunking is exact (so pointless) for the LoopLM
-            chunk_size = self.config.chunk_size if alpha > 0 else T
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if T == 0 or cache.length + T > limit:
-            raise ValueError(f"{cache.length} cached + {T} new tokens must be between 1 and {what} {limit}")
-        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
-            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        return loops, alpha, chunk_size, cache
 
-    def forward(self, idx, targets=None, loops=None, chunk_size=None, alpha=None, cache=None,
-                return_aux=False, exit_threshold=None, last_only=False):
-        """idx (B, T) token ids. Runs chunk by chunk; every chunk runs all its loops before the
-        next chunk starts, so a chunk sees the FINAL K/V of earlier chunks (the paper's
-        chunk-wise training; chunk_size=1 is exact decoding). With a KVCache the new tokens
-        are appended to it (prefill or decode), and no gradients are recorded.
-        Returns (logits of the last loop run (B, T, V), or (B, 1, V) with last_only, loss).
-        With return_aux it returns only a dict for training's losses: every loop's normed
-        'states' (B, T, d), 'exit_logits' (B, T, loops), 'attn' = [loop][layer] attention
-        outputs, and the LM head's weight 'head'. It holds no logits: a loss makes each loop's
-        from its state, a few tokens at a time, since with a large vocabulary every loop's
-        logits at once are most of a training step's memory."""
-        loops, alpha, chunk_size, cache = self._check_call(idx, targets, loops, chunk_size, alpha, cache, return_aux,
-                                                           exit_threshold, last_only)
-        aux = {'states': [[] for _ in range(loops)],
-               'attn': [[[] for _ in self.layers] for _ in range(loops)]} if return_aux else None
-        outputs = []  # the last loop's normed state of each chunk
-        with torch.no_grad() if isinstance(cache, KVCache) else nullcontext():
-            for index, start in enumerate(range(0, idx.size(1), chunk_size)):
-                x = self.embed_tokens(idx[:, start:start + chunk_size])
-                x, loops_run = self._run_chunk(x, cache, loops, alpha, exit_threshold, aux, index=index)
-                cache.commit(x.size(1), loops_run)
-                outputs.append(x[:, -1:] if last_only else x)
-        if return_aux:
-            states = [torch.cat(per_chunk, dim=1) for per_chunk in aux['states']]
-            return {'states': states,
-                    'exit_logits': torch.cat([self.exit_gate(s) for s in states], dim=-1),  # (B, T, loops)
-                    'attn': [[torch.cat(per_chunk, dim=1) for per_chunk in per_layer] for per_layer in aux['attn']],
-                    'head': self.lm_head.weight.view_as(self.lm_head.weight)}  # (V, d); a view, so DDP sees the head used
-        logits = self.lm_head(outputs[-1] if last_only else torch.cat(outputs, dim=1))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+def still_looping(lam):
+    """prod_{j<=t}(1 - lambda_j) for every loop t, from the per-loop exit probabilities
+    lambda (..., loops) = sigmoid(exit logits): the probability that a token loops on after loop t."""
+    return torch.cumprod(1 - lam, dim=-1)
 
-    def _run_chunk(self, x, cache, loops, alpha, exit_threshold=None, aux=None, pos=None, index=0):
-        """All loops of one chunk x (B, T, d), the index-th of its forward. Returns the last
-        loop's normed state and the number of loops run; keeps nothing of earlier loops unless
-        `aux` collects them. With exit_threshold q the chunk stops at the first loop where every
-        token's cumulative exit probability reaches q (Ouro's Q-exit). `pos` (decode_step)
-        fixes the shapes: the chunk then attends to the whole buffer through a mask."""
-        T = x.size(1)
-        static = pos is not None
-        if not static:
-            pos = torch.arange(cache.length, cache.length + T, device=x.device)
-        n_seen = cache.max_tokens if static else cache.length + T
-        is_causal = T > 1 and n_seen == T  # the chunk sees only itself
-        mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
-        if (T > 1 or static) and not is_causal:
-            mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
-        rows = pos if static else slice(cache.length, cache.length + T)
-        training = torch.is_grad_enabled()
-        recompute = training and self.recompute_blocks
-        chunk = Chunk((self.rope_cos[pos], self.rope_sin[pos]), mask, is_causal, rows, n_seen, cache, alpha, index,
-                      recompute_attention=training and index > 0 and not recompute)
-        h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
-        exit_logits = []  # Q-exit: every loop's, (B, T, 1)
-        for loop in range(loops):
-            for layer, block in enumerate(self.layers):
-                if recompute:  # activation checkpointing: keep the block's inputs, recompute the rest in backward
-                    x, h[layer], attn_out = checkpoint(block, x, h[layer], loop, chunk, use_reentrant=False,
-                                                       preserve_rng_state=False)
-                else:
-                    x, h[layer], attn_out = block(x, h[layer], loop, chunk)
-                if aux is not None:
-                    aux['attn'][loop][layer].append(attn_out)
-            x = self.norm(x)  # the final norm after every loop feeds the next loop
-            if aux is not None:
-                aux['states'][loop].append(x)
-            if exit_threshold is not None and loop < loops - 1:  # stop once every token's exit CDF reaches q
-                exit_logits.append(self.exit_gate(x))
-                lam = torch.sigmoid(torch.cat(exit_logits, dim=-1).float())
-                if bool((1 - still_looping(lam)[..., -1] >= exit_threshold).all()):
-                    break
-        return x, loop + 1
 
-    def decode_step(self, idx, cache, pos, loops):
-        """One new token per sequence, idx (B, 1) at position pos (a (1,) tensor), with shapes
-        that stay the same from step to step, so torch.compile can capture it (gpt-fast's
-        decode_one_token). Returns logits (B, 1, V); the caller commits the token."""
-        x, _ = self._run_chunk(self.embed_tokens(idx), cache, loops, cache.alpha, pos=pos)
-        return self.lm_head(x)
+def check_fits(nbytes, what, device):
+    """Refuse, before allocating it, what the device's free memory cannot hold."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == 'cpu' and os.path.isfile('/proc/meminfo'):
+        with open('/proc/meminfo') as f:
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:')), None)
+    else:  # meta, or no way to tell
+        return
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} would take {nbytes / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB free on {device}")
