@@ -7,7 +7,7 @@ deployed (chunk size 1) at 1, 2, 4 and 8 loops.
 $ python ablate.py                      10 rows x 2 seeds, 2 runs at a time (one thread each),
                                         into out/ablate; prints the table, writes the figure
 $ python ablate.py --seeds=3 --jobs=1 --rows=element,last
-$ python ablate.py --replot=yes          the table and figure again from out/ablate/results.json
+$ python ablate.py --replot              the table and figure again from out/ablate/results.json
 
 The figure (accuracy against loops per row, KV bytes against loops) needs matplotlib, an
 optional package: pip install matplotlib. Without it the table is still printed.
@@ -19,7 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from configurator import read_json, run_script
+from configurator import given, parse_args, read_json, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_LOOPS = (1, 2, 4, 8)
@@ -38,7 +38,7 @@ ROWS = {
 }
 DEFAULTS = dict(seeds=2, jobs=2, rows=','.join(ROWS), out_dir='out/ablate', figure=os.path.join(HERE, 'assets', 'ablation.png'),
                 train_args='',  # flags added to every train.py run, e.g. --train_args="--max_iters=100"
-                replot='no')  # yes: the table and figure again from out_dir's results.json, without training
+                replot=False)  # the table and figure again from out_dir's results.json, without training
 
 
 def plan(row, seed, loop_dir, root, block_size, train_args=()):
@@ -73,7 +73,7 @@ def evaluate(folder):
     """Accuracy (overall and per hop) at every EVAL_LOOPS count, decoding with chunk size 1."""
     import torch
     from data.reason import prepare as reason
-    from train import load_checkpoint
+    from checkpoints import load_checkpoint
     torch.set_num_threads(2)
     model, _ = load_checkpoint(folder, 'cpu')
     out = {}
@@ -135,18 +135,10 @@ def figure(results, path):
 
 
 def parse(argv):
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        key, eq, value = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or key not in cfg or not eq:
-            raise ValueError(f"unknown option {arg!r}; expected --key=value with key in {', '.join(cfg)}")
-        cfg[key] = value
+    cfg = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
     for key in ('seeds', 'jobs'):
-        if not str(cfg[key]).isdigit() or int(cfg[key]) < 1:
+        if cfg[key] < 1:
             raise ValueError(f"--{key} must be an integer >= 1, got {cfg[key]!r}")
-        cfg[key] = int(cfg[key])
-    if cfg['replot'] not in ('yes', 'no'):
-        raise ValueError(f"--replot must be yes or no, got {cfg['replot']!r}")
     cfg['rows'] = [r.replace('_', ' ') for r in cfg['rows'].split(',')]
     unknown = [r for r in cfg['rows'] if r not in ROWS]
     if unknown:
@@ -199,23 +191,22 @@ def report(results, cfg):
 
 def main(argv):
     cfg = parse(argv)
-    if cfg['replot'] == 'yes':
+    if cfg['replot']:
         file = os.path.join(cfg['out_dir'], 'results.json')
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} {'is a folder' if os.path.isdir(file) else 'does not exist'}, expected "
                                     f"the results of a run: run python ablate.py first")
         return report(read_results(file), cfg)
-    import train  # after the flags are checked: importing torch takes a while
+    from checkpoints import DATA_DIR, load_checkpoint, prepare_reason_task  # after the flags: torch takes a while
     train_args = cfg['train_args'].split()
-    given = train.parse_args(train_args, train.DEFAULTS)  # a typo fails here, not in the first run
     t0 = time.time()
-    if given.get('dataset', train.DEFAULTS['dataset']) == 'reason':  # the task, made if missing; others are the user's
-        train.prepare_reason_task(os.path.join(train.DATA_DIR, 'reason'))
+    if given(train_args, 'dataset') in (None, 'reason'):  # the task, made if missing; other folders are the user's
+        prepare_reason_task(os.path.join(DATA_DIR, 'reason'))
     loop_dir = os.path.join(cfg['out_dir'], 'loop')
     if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
         print(f"training the shared LoopLM into {loop_dir}", flush=True)
         train_py([*train_args, '--phase=loop', f'--out_dir={loop_dir}', '--log_interval=1000000'], threads=2)
-    block_size = train.parse_args(train_args, train.DEFAULTS).get('block_size', train.DEFAULTS['block_size'])
+    block_size = load_checkpoint(loop_dir, 'cpu')[1]['config']['block_size']  # the rows the runs train on, the LoopLM's
     runs = [(row, seed) for row in cfg['rows'] for seed in range(1, cfg['seeds'] + 1)]
 
     def run(row_seed):

@@ -39,6 +39,8 @@ from contextlib import nullcontext
 
 import torch
 
+import phases
+from checkpoints import read_checkpoint
 from configurator import check_device, parse_args, run_script
 from melt import MAX_LOOPS, MELT, MELTConfig
 from sample import generate
@@ -106,13 +108,9 @@ def model_shape(name):
     if name.startswith('ouro:'):
         from ouro import read_ouro_config
         return read_ouro_config(name.removeprefix('ouro:'))
-    ckpt_file = os.path.join(name, 'ckpt.pt')
-    if not os.path.isfile(ckpt_file):
+    if not os.path.isfile(os.path.join(name, 'ckpt.pt')):
         raise FileNotFoundError(f"--model={name}: expected tiny, ouro-1.4b, ouro-2.6b, ouro:PATH or a folder with ckpt.pt")
-    try:
-        return torch.load(ckpt_file, map_location='cpu', weights_only=False)['model_args']
-    except Exception as e:  # truncated, empty or not train.py's: torch.load raises many kinds
-        raise ValueError(f"{ckpt_file} is not a readable checkpoint of train.py ({type(e).__name__})") from None
+    return read_checkpoint(name, 'cpu')['model_args']
 
 
 def build(shape, kv_sharing, device, dtype, seed=0):
@@ -296,8 +294,7 @@ def measure_train(shape, kv_sharing, chunk, tokens, batch, device):
     cuda = device.startswith('cuda')
     model = build({**shape, 'block_size': max(shape['block_size'], tokens)}, 'melt', device, torch.float32)
     model = model.with_kv_sharing(kv_sharing)
-    from train import check_batch_fits
-    check_batch_fits(batch, tokens, model.config, model.config.n_loops, device)
+    phases.check_batch_fits(batch, tokens, model.config, model.config.n_loops, device)
     x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
     _, loss = model(x[:, :16], x[:, :16], chunk_size=min(chunk or 16, 16))  # load kernels
     loss.backward()
@@ -322,30 +319,34 @@ def measure_train(shape, kv_sharing, chunk, tokens, batch, device):
     return {'seconds': min(times), 'peak': peak - base, 'allocated': allocated}
 
 
+# what phase_loss and AdamW read of train.py's settings (its defaults; a step's cost does not depend
+# on the loss weights); a real vocabulary's data has no depths, so Ouro's objective
+STEP_SETTINGS = dict(objective='ouro', exit_beta=0.1, exit_weight=0.1, kd_weight=0.0, distill_beta=0.1,
+                     learning_rate=3e-3, gate_lr=1e-2, weight_decay=0.0, beta1=0.9, beta2=0.95)
+
+
 def measure_phase_step(shape, phase, checkpointing, tokens, batch, device):
     """One training step of a phase as train.py runs it (its phase_loss, backward, AdamW), in a
     fresh process: seconds, the peak RSS (or CUDA memory) the step adds beyond the weights,
     gradients and AdamW state, on CPU also the peak bytes its forward and backward allocate
     (peak_allocated; AdamW's own temporaries, as large as the largest weight, left out), and
     the model FLOPs per token (train.py's count)."""
-    import train  # the phases' losses; imported here, in the measuring process only
     cuda = device.startswith('cuda')
-    cfg = train.phase_config(phase, {'loops': shape['n_loops'], 'block_size': tokens,
-                                     'chunk_size': min(shape.get('chunk_size', 64), tokens)})
-    cfg['objective'] = 'ouro'  # a real vocabulary's data has no depths
+    cfg = dict(STEP_SETTINGS, phase=phase, loops=shape['n_loops'], block_size=tokens,
+               chunk_size=min(shape.get('chunk_size', 64), tokens))
     alpha = {'loop': 0.0, 'transition': 0.5, 'distill': 1.0}[phase]  # the transition half way: both caches
     model = build({**shape, 'block_size': tokens}, 'loop' if phase == 'loop' else 'melt', device, torch.float32)
     model.recompute_blocks = checkpointing
     teacher = build({**shape, 'block_size': tokens}, 'loop', device, torch.float32, seed=1).requires_grad_(False) \
-        if train.uses_teacher(cfg) else None
-    optimizer = train.configure_optimizers(model, cfg, 'cuda' if cuda else 'cpu')
-    train.check_batch_fits(batch, tokens, model.config, shape['n_loops'], device)
+        if phases.uses_teacher(cfg) else None
+    optimizer = phases.configure_optimizers(model, cfg, 'cuda' if cuda else 'cpu')
+    phases.check_batch_fits(batch, tokens, model.config, shape['n_loops'], device)
     x = torch.randint(0, shape['vocab_size'], (batch, tokens), device=device)
     ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 
     def forward_backward():
         with ctx:
-            loss, _ = train.phase_loss(cfg, model, teacher, (x, x, None), alpha)
+            loss, _ = phases.phase_loss(cfg, model, teacher, (x, x, None), alpha)
         loss.backward()
 
     def step():
@@ -365,12 +366,11 @@ def measure_phase_step(shape, phase, checkpointing, tokens, batch, device):
     seconds = min(times)
     peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base
     return {'seconds': seconds, 'peak': peak, 'allocated': peak if cuda else peak_allocated(forward_backward),
-            'flops_per_token': train.step_flops_per_token(cfg, model, teacher, alpha),
+            'flops_per_token': phases.step_flops_per_token(cfg, model, teacher, alpha),
             'device_name': torch.cuda.get_device_name() if cuda else 'cpu'}
 
 
 def phase_table(shape, tokens, batch, device):
-    import train
     cuda = device.startswith('cuda')
     n = batch * tokens
     print(f"\n3. Training steps by phase: batch {batch} x {tokens} tokens, vocab {shape['vocab_size']:,}, "
@@ -385,7 +385,7 @@ def phase_table(shape, tokens, batch, device):
             r = run_child('phase', shape, phase, checkpointing, tokens, batch, device)
             rows[phase, checkpointing] = r
             tok_s = n / r['seconds']
-            speed = train.utilisation(r['flops_per_token'] * tok_s, device) if cuda else \
+            speed = phases.utilisation(r['flops_per_token'] * tok_s, device) if cuda else \
                 f"{r['flops_per_token'] * tok_s / 1e12:.3f} TFLOP/s"
             print(f"   {phase:<11} {'on' if checkpointing else 'off':>9} {r['seconds'] * 1000:>9.0f} {tok_s:>7,.0f} "
                   f"{speed:>26} {r['allocated'] / 1e6:>10.1f} {r['allocated'] / n:>12,.0f}"
@@ -400,15 +400,18 @@ TRAIN_SCRIPT_FLAGS = ['--n_layer=4', '--n_embd=256', '--batch_size=2', '--block_
 
 
 def measure_train_script(args, threads):
-    """train.main(args) in this fresh process: its output and the process's peak RSS."""
-    import io
-    from contextlib import redirect_stdout
-    import train
-    torch.set_num_threads(threads)
-    out = io.StringIO()
-    with redirect_stdout(out):
-        train.main(args)
-    return {'out': out.getvalue(), 'peak': peak_rss()}
+    """python train.py args, a process of its own: its output and its peak RSS (wait4's ru_maxrss)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        child = subprocess.Popen([sys.executable, os.path.join(here, 'train.py'), *args], stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if child.returncode:
+            raise ChildProcessError(f"train.py {' '.join(args)} failed:\n{err.read()[-3000:]}")
+        return {'out': out.read(), 'peak': usage.ru_maxrss * 1024}  # Linux gives kilobytes
 
 
 def write_random_tokens(folder, vocab_size, n_train=200_000, n_val=20_000):
@@ -436,7 +439,7 @@ def train_script_table(vocab_size, threads):
             for phase, source in sources.items():
                 args = TRAIN_SCRIPT_FLAGS + source + [f'--phase={phase}', f'--dataset={tmp}', f'--out_dir={out}/{phase}',
                                                       f'--activation_checkpointing={checkpointing}', '--device=cpu']
-                r = run_child('train_script', args, threads, env={'OMP_NUM_THREADS': str(threads)})
+                r = measure_train_script(args, threads)
                 losses = re.findall(r'^iter (\d+): loss ([\d.]+).*?([\d.]+) ms/iter', r['out'], re.M)
                 rows[phase, checkpointing] = r
                 print(f"   {phase:<11} {'on' if checkpointing else 'off':>9} {r['peak'] / 1e6:>9,.0f} "
@@ -588,7 +591,7 @@ def child(spec):
     """`python bench.py --child JSON`: one measurement in a fresh process, printed as JSON."""
     kind, *args = json.loads(spec)
     measure = {'generate': measure_generate, 'train': measure_train, 'phase': measure_phase_step,
-               'compile': measure_compile, 'train_script': measure_train_script}[kind]
+               'compile': measure_compile}[kind]
     try:
         print(json.dumps(measure(*args)))
     except ValueError as e:  # what cannot fit, or a value out of range: one line for the parent to pass on

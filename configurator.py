@@ -33,6 +33,17 @@ def is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def read_text(file, what=None):
+    """A UTF-8 text file's text; one line naming the file (or `what`) if it is missing or not UTF-8."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{what or file} does not exist")
+    try:
+        with open(file, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what or file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def read_json(file, remedy):
     """A JSON file's value; one line naming the file, where it breaks, and `remedy` (what to do)."""
     try:
@@ -116,6 +127,18 @@ def parse_args(argv, defaults):
         overrides[key] = typed(key, value, defaults[key])
         i += 1
     return overrides
+
+
+def given(argv, key):
+    """The value argv gives --key (its last --key=value or --key value), or None: for a script
+    that hands argv on to another one, whose options it does not know."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f'--{key}='):
+            value = arg.split('=', 1)[1]
+        elif arg == f'--{key}' and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def check_choice(key, value, choices):

@@ -551,8 +551,6 @@ class MELT(nn.Module):
         B, T = idx.shape
         if exit_threshold is not None and (return_aux or not isinstance(cache, KVCache)):
             raise ValueError("exit_threshold (Q-exit) is for decoding into a KVCache, without return_aux")
-        if exit_threshold is not None and not 0 < exit_threshold <= 1:
-            raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
         if return_aux and (targets is not None or last_only):
             raise ValueError("return_aux returns every loop's states for the caller's own losses: "
                              "it takes no targets and no last_only")

@@ -4,6 +4,7 @@ in and out of a MELT model, and the Ouro tokenizer (SmolLM2's byte-level BPE, re
 tokenizer.json) as a tiktoken.Encoding, plus Ouro's ChatML chat format.
 load_ouro and save_ouro convert; melt.py knows nothing of files. No `tokenizers` import here.
 """
+import hashlib
 import json
 import os
 
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from checkpoints import renamed_fields
 from configurator import is_int, read_json
 from melt import MELT, MELTConfig, check_fits, rope_tables
 
@@ -73,9 +75,7 @@ def read_ouro_config(path):
     ours = hf.get('melt', {})  # save_ouro adds kv_sharing, chunk_size, gate...; Ouro ignores it
     if not isinstance(ours, dict):
         raise ValueError(f"{file}: melt is {repr(ours)[:80]}, expected an object of MELT's settings (save_ouro's)")
-    ours = dict(ours)
-    if 'cache' in ours:  # written by an older version, before the field was named kv_sharing
-        ours['kv_sharing'] = ours.pop('cache')
+    ours = renamed_fields(ours)
     known = set(MELTConfig.__dataclass_fields__) - set(OURO_CONFIG_FIELDS.values())
     if set(ours) - known:
         raise ValueError(f"{file}: melt sets {sorted(set(ours) - known)}, expected only {sorted(known)}")
@@ -288,3 +288,28 @@ def chat_prompt(messages, thinking=False):
 def stop_ids(enc):
     """Ids that end an Ouro reply: <|im_end|> and <|endoftext|>, where the tokenizer has them."""
     return {enc.encode_single_token(t) for t in ('<|im_end|>', '<|endoftext|>') if t in enc.special_tokens_set}
+
+
+def tokenizer_id(tokenizer):
+    """What meta.pkl records of the tokenizer a data set was made with ('gpt2' or 'ouro:PATH'),
+    so train.py can refuse data made with another one."""
+    if tokenizer == 'gpt2':
+        return 'gpt2'
+    with open(os.path.join(tokenizer.removeprefix('ouro:'), 'tokenizer.json'), 'rb') as f:
+        return 'ouro:' + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def load_encoding(tokenizer):
+    """The tokenizer a data set is made with: GPT-2's (tiktoken, fetched once) or an Ouro folder's."""
+    if tokenizer == 'gpt2':
+        try:
+            return tiktoken.get_encoding('gpt2')
+        except Exception as e:  # offline: tiktoken fetches GPT-2's files on first use
+            raise OSError(f"could not get GPT-2's encoding ({type(e).__name__}); tiktoken downloads it once, "
+                          f"so offline use --tokenizer=ouro:PATH (an Ouro folder's tokenizer.json, read locally)") from None
+    if tokenizer.startswith('ouro:'):
+        path = tokenizer.removeprefix('ouro:')
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--tokenizer={tokenizer}: {path!r} is not a folder with a tokenizer.json")
+        return ouro_tokenizer(path)
+    raise ValueError(f"--tokenizer must be 'gpt2' or 'ouro:PATH', got {tokenizer!r}")

@@ -16,9 +16,10 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
-from configurator import DTYPES, check_choice, check_device, parse_args, run_script, torch_dtype
+from checkpoints import dataset_dir, load_checkpoint, read_meta
+from configurator import DTYPES, check_choice, check_device, parse_args, read_text, run_script, torch_dtype
 from data.reason import prepare as reason
-from train import Data, load_checkpoint
+from ouro import chat_prompt, load_encoding, load_ouro, stop_ids
 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
@@ -41,14 +42,19 @@ compile = False  # decode with compiled blocks (model.compile_blocks: compiled o
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 
-def positions_run(model, prompt_tokens, new_tokens):
-    """The positions a generation runs through the model, checked against its block_size:
-    the prompt and every new token but the last, which is never run."""
-    n = prompt_tokens + max(new_tokens, 1) - 1
+def positions_run(prompt_tokens, new_tokens):
+    """The positions a generation runs through the model: the prompt and every new token but
+    the last, which is never run."""
+    return prompt_tokens + max(new_tokens, 1) - 1
+
+
+def new_cache(model, batch_size, prompt_tokens, new_tokens, loops):
+    """An empty cache for one generation, checked against the model's block_size."""
+    n = positions_run(prompt_tokens, new_tokens)
     if n > model.config.block_size:
         raise ValueError(f"prompt of {prompt_tokens} tokens + {max(new_tokens, 1)} new tokens run {n} positions, "
                          f"more than block_size {model.config.block_size}")
-    return n
+    return model.new_cache(batch_size, n, loops)
 
 
 @torch.no_grad()
@@ -56,25 +62,25 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
              chunk_size=None, exit_threshold=None, stop_tokens=(), cache=None, decode_step=None):
     """Prefill the prompt chunk-wise into a cache, then decode one token at a time.
     top_k=1 is greedy. The cache is sized to prompt + new tokens - 1 (the last token is
-    never run); pass your own empty one to read cache.nbytes and cache.loops_run
+    never run); pass your own empty one (new_cache) to read cache.nbytes and cache.loops_run
     afterwards. After model.compile_blocks() decoding runs compiled and the prefill eagerly
     (its shapes change with every prompt, and its large matmuls gain little from compiling).
     decode_step: a step with fixed shapes in place of the forward, e.g. model.decode_step
     replayed as one CUDA graph (bench.py --cuda_graph). Returns idx (B, T + new tokens)."""
     B, T = idx.shape
-    needed = positions_run(model, T, max_new_tokens)
-    if temperature <= 0:
+    if not 0 < temperature < float('inf'):
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
     if exit_threshold is not None and not 0 < exit_threshold <= 1:
-        raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
+        raise ValueError(f"exit_threshold must be in (0, 1] (0 or None: every loop), got {exit_threshold}")
     if exit_threshold is not None and (B != 1 or decode_step is not None):
         raise ValueError(f"exit_threshold decides per token, in the eager decode, and needs batch size 1, got {B}")
     loops = model.config.n_loops if loops is None else loops
-    cache = model.new_cache(B, needed, loops) if cache is None else cache
+    cache = new_cache(model, B, T, max_new_tokens, loops) if cache is None else cache
     if cache.length:
         raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
-    if cache.max_tokens < needed:
-        raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call needs {needed}")
+    if cache.max_tokens < positions_run(T, max_new_tokens):
+        raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call runs "
+                         f"{positions_run(T, max_new_tokens)} positions")
     with torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():
         logits, _ = model(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
     for step in range(max_new_tokens):
@@ -110,44 +116,37 @@ def load(cfg):
     """(model, codec) for --init_from, with the K/V sharing --kv_sharing asks for."""
     source = cfg['init_from']
     if source.startswith('ouro:'):
-        from ouro import load_ouro, ouro_tokenizer, stop_ids
-        path = source.removeprefix('ouro:')
-        model = load_ouro(path, kv_sharing=cfg['kv_sharing'] or 'melt')
-        enc = ouro_tokenizer(path)
-        return model, TiktokenCodec(enc, stop_ids(enc))
+        model, tokenizer = load_ouro(source.removeprefix('ouro:'), kv_sharing=cfg['kv_sharing'] or 'melt'), source
+    else:
+        model, tokenizer = load_trained(source, cfg['kv_sharing'])
+        if tokenizer == 'reason':
+            return model, reason.WordCodec()
+    enc = load_encoding(tokenizer)
+    return model, TiktokenCodec(enc, stop_ids(enc) if tokenizer.startswith('ouro:') else ())
+
+
+def load_trained(source, kv_sharing):
+    """(model, the tokenizer of its data) from an out dir of train.py: 'reason', 'gpt2' or 'ouro:PATH'."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"no checkpoint folder {source!r}: run python train.py first, or pass --init_from")
     model, ckpt = load_checkpoint(source, 'cpu')
-    model = model.with_kv_sharing(cfg['kv_sharing'] or model.config.kv_sharing)
+    model = model.with_kv_sharing(kv_sharing or model.config.kv_sharing)
     if 'config' not in ckpt:
         raise ValueError(f"{source}/ckpt.pt lacks 'config' (the run's settings), so its data set's tokenizer is unknown")
-    dataset = Data(ckpt['config']['dataset'], model.config.block_size, 'cpu')  # the training data's tokenizer
-    meta = dataset.meta
-    if meta.get('tokenizer') == 'reason':
-        return model, reason.WordCodec()
-    from data.text.prepare import load_encoding  # the tokenizer the data set was made with
-    from ouro import stop_ids
-    tokenizer = meta.get('tokenizer_path', meta['tokenizer'])  # 'gpt2' or 'ouro:PATH'
-    if tokenizer != 'gpt2' and not tokenizer.startswith('ouro:'):
-        raise ValueError(f"{dataset.dir}/meta.pkl names the tokenizer {tokenizer!r}; sample.py decodes "
+    folder = dataset_dir(ckpt['config']['dataset'])
+    meta = read_meta(folder)  # the training data's
+    tokenizer = meta['tokenizer'] if meta['tokenizer'] == 'reason' else meta.get('tokenizer_path', meta['tokenizer'])
+    if tokenizer not in ('reason', 'gpt2') and not tokenizer.startswith('ouro:'):
+        raise ValueError(f"{folder}/meta.pkl names the tokenizer {tokenizer!r}; sample.py decodes "
                          f"the reasoning task's words, 'gpt2' and 'ouro:PATH' (data/text/prepare.py's tokenizers)")
-    enc = load_encoding(tokenizer)
-    return model, TiktokenCodec(enc, stop_ids(enc) if tokenizer.startswith('ouro:') else ())
+    return model, tokenizer
 
 
 def read_prompt(cfg):
     text = cfg['start']
     if text.startswith('FILE:'):
-        file = text.removeprefix('FILE:')
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"start file {file!r} does not exist")
-        try:
-            with open(file, encoding='utf-8') as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"start file {file!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        text = read_text(text.removeprefix('FILE:'), f"start file {text.removeprefix('FILE:')!r}")
     if cfg['chat']:
-        from ouro import chat_prompt
         text = chat_prompt([{'role': 'user', 'content': text}], thinking=cfg['thinking'])
     return text
 
@@ -158,10 +157,6 @@ def check(cfg):
             raise ValueError(f"--{key} must be >= 1 (or 0 for the default), got {cfg[key]}")
     if cfg['num_samples'] < 1:
         raise ValueError(f"--num_samples must be >= 1, got {cfg['num_samples']}")
-    if not 0 < cfg['temperature'] < float('inf'):
-        raise ValueError(f"--temperature must be > 0 (--top_k=1 is greedy), got {cfg['temperature']}")
-    if not 0 <= cfg['exit_threshold'] <= 1:
-        raise ValueError(f"--exit_threshold must be in (0, 1] (or 0 for every loop), got {cfg['exit_threshold']}")
     check_choice('kv_sharing', cfg['kv_sharing'] or 'melt', ('melt', 'loop'))  # '' keeps the model's
     check_choice('dtype', cfg['dtype'], DTYPES)
     if (cfg['chat'] or cfg['thinking']) and not cfg['init_from'].startswith('ouro:'):
@@ -193,7 +188,7 @@ def main(argv):
     if cfg['compile']:
         model.compile_blocks()
     for ids, note in prompts:
-        cache = model.new_cache(1, max_tokens=positions_run(model, len(ids), new_tokens), loops=loops)
+        cache = new_cache(model, 1, len(ids), new_tokens, loops)
         y = generate(model, torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                            chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,

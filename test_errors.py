@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bench
+import checkpoints
 import sample
 import train
 from conftest import (OURO_TINY, TRAIN_TINY, ouro_tensors, run_train, train_hf_tokenizer,
@@ -206,8 +207,9 @@ def test_a_tokenizer_smaller_than_the_model_and_a_teacher_of_another_width(reaso
     ('sample', '--num_samples=0', r'--num_samples must be >= 1, got 0'),
     ('sample', '--top_k=-3', r'--top_k must be >= 1 \(or 0 for the default\), got -3'),
     ('sample', '--kv_sharing=both', r"--kv_sharing must be one of melt, loop, got 'both'"),
-    ('sample', '--exit_threshold=1.5', r'--exit_threshold must be in \(0, 1\] \(or 0 for every loop\), got 1.5'),
-    ('sample', '--exit_threshold=-0.1', r'--exit_threshold must be in \(0, 1\] \(or 0 for every loop\), got -0.1'),
+    ('sample', '--exit_threshold=1.5', r'exit_threshold must be in \(0, 1\] \(0 or None: every loop\), got 1.5'),
+    ('sample', '--exit_threshold=-0.1', r'exit_threshold must be in \(0, 1\] \(0 or None: every loop\), got -0.1'),
+    ('sample', '--temperature=0', r'temperature must be > 0 \(use top_k=1 for greedy\), got 0.0'),
     ('sample', '--start=', r'the prompt \(--start\) is empty'),
     ('bench', '--prompt_tokens=0', r'--prompt_tokens must be >= 1, got 0'),
     ('bench', '--train_batch=-1', r'--train_batch must be >= 1, got -1'),
@@ -266,7 +268,7 @@ def test_disk_full_and_unwritable_out_dirs(reason_data, tmp_path, capsys, monkey
     monkeypatch.setattr(torch, 'save', full_disk)
     for _ in range(2):
         with pytest.raises(OSError, match=r'could not write .*ckpt.pt \(disk full\); the last good one'):
-            train.save_checkpoint(str(out_dir), {'model': {}})
+            checkpoints.save_checkpoint(str(out_dir), {'model': {}})
     assert snapshot(out_dir) == before  # no temporary file left, the checkpoint whole
     assert len(set(names)) == 2  # each save has a temporary name of its own: two runs cannot collide
     monkeypatch.setattr(torch, 'save', real_save)
@@ -352,7 +354,7 @@ def test_ctrl_c_inside_torch_save_is_a_ctrl_c(tmp_path, monkeypatch):
     """A Ctrl-C in the middle of torch.save's zip writer comes out of it as a RuntimeError (the
     writer fails on its way out); the save must still end as a KeyboardInterrupt, with the
     last checkpoint whole and no temporary file."""
-    train.save_checkpoint(str(tmp_path), {'iter_num': 3})
+    checkpoints.save_checkpoint(str(tmp_path), {'iter_num': 3})
     before = (tmp_path / 'ckpt.pt').read_bytes()
 
     def interrupted_save(obj, f):
@@ -363,7 +365,7 @@ def test_ctrl_c_inside_torch_save_is_a_ctrl_c(tmp_path, monkeypatch):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2116544 vs 2116496")
     monkeypatch.setattr(torch, 'save', interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(tmp_path), {'iter_num': 6})
+        checkpoints.save_checkpoint(str(tmp_path), {'iter_num': 6})
     assert (tmp_path / 'ckpt.pt').read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']
 
 
@@ -534,7 +536,7 @@ def test_every_field_of_results_json_is_checked(damage, tmp_path):
     write_bytes(tmp_path / 'results.json', (text or json.dumps(results)).encode())
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=match + r'.*run python ablate.py again'):
-        ablate.main(['--replot=yes', f'--out_dir={tmp_path}', f'--figure={tmp_path}/fig.png'])
+        ablate.main(['--replot', f'--out_dir={tmp_path}', f'--figure={tmp_path}/fig.png'])
     assert snapshot(tmp_path) == before
 
 

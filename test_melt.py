@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import phases
 import sample
 import train
 from conftest import (TINY, decode, hf_name, in_float64, loop_and_melt_pair, max_diff, naive,
@@ -282,7 +283,7 @@ def test_one_loop_is_the_same_in_both_modes():
 
 def test_exit_distribution_hand_worked():
     lam = torch.tensor([0.5, 0.2, 0.9])  # the last loop's own lambda does not matter
-    p = train.exit_distribution(torch.logit(lam))
+    p = phases.exit_distribution(torch.logit(lam))
     expected = torch.tensor([0.5, 0.5 * 0.2, 0.5 * 0.8])
     assert torch.allclose(p, expected, atol=1e-6)
 
@@ -293,7 +294,7 @@ def test_training_steps_lower_the_loss_and_reach_the_gates(kv_sharing):
     model = MELT(MELTConfig(**{**TINY, 'kv_sharing': kv_sharing}))
     ids = tokens(33, batch=4)
     x, y = ids[:, :-1], ids[:, 1:]
-    opt = train.configure_optimizers(model, {**train.DEFAULTS, 'learning_rate': 3e-3, 'gate_lr': 3e-2}, 'cpu')
+    opt = phases.configure_optimizers(model, {**train.DEFAULTS, 'learning_rate': 3e-3, 'gate_lr': 3e-2}, 'cpu')
     losses = []
     for step in range(8):
         _, loss = model(x, y, chunk_size=8)

@@ -188,7 +188,7 @@ def test_stop_ids_are_im_end_and_endoftext(tmp_path):
 
 def test_files_of_the_older_field_name_still_load(tmp_path):
     """Checkpoints and exports written before `cache` was renamed `kv_sharing` load as saved."""
-    import train
+    import checkpoints
     model = tiny_model('melt')
     save_ouro(model, str(tmp_path / 'export'))
     config = json.loads((tmp_path / 'export' / 'config.json').read_text())
@@ -199,5 +199,5 @@ def test_files_of_the_older_field_name_still_load(tmp_path):
     args['cache'] = args.pop('kv_sharing')
     (tmp_path / 'run').mkdir()
     torch.save({'model': model.state_dict(), 'model_args': args}, tmp_path / 'run' / 'ckpt.pt')
-    back, _ = train.load_checkpoint(str(tmp_path / 'run'), 'cpu')
+    back, _ = checkpoints.load_checkpoint(str(tmp_path / 'run'), 'cpu')
     assert back.config == model.config and back.gate_modules()

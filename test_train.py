@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import ablate
+import checkpoints
+import phases
 import train
 import bench
 from conftest import (OURO_TINY, TRAIN_TINY, in_float64, loop_and_melt_pair, max_diff, reference_phase_loss,
@@ -29,9 +31,9 @@ from melt import MELT, MELTConfig
 def fixed_val_loss(phase, model, teacher_model, data_dir):
     """The phase's loss at alpha = 1 on four fixed validation batches."""
     cfg = train.phase_config(phase, train.parse_args(TRAIN_TINY, train.DEFAULTS))
-    data = train.Data(data_dir, cfg['block_size'], 'cpu')
+    data = checkpoints.Data(data_dir, cfg['block_size'], 'cpu')
     with torch.no_grad():
-        return np.mean([train.phase_loss(cfg, model, teacher_model, data.batch('val', 16, seed), 1.0)[0].item()
+        return np.mean([phases.phase_loss(cfg, model, teacher_model, data.batch('val', 16, seed), 1.0)[0].item()
                         for seed in range(4)])
 
 
@@ -39,17 +41,17 @@ def test_each_phase_lowers_its_loss(reason_data, looplm_dir, tmp_path, capsys):
     common = [f'--dataset={reason_data}', '--eval_interval=30', '--max_iters=30', '--always_save_checkpoint=True']
     losses, _ = run_train(capsys, *common, '--phase=loop', f'--out_dir={tmp_path}/loop', '--learning_rate=1e-2')
     assert np.mean([losses[i] for i in range(25, 30)]) < np.mean([losses[i] for i in range(5)]) - 0.3
-    teacher_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
+    teacher_model, _ = checkpoints.load_checkpoint(looplm_dir, 'cpu')
     cfg = train.phase_config('transition', train.parse_args(TRAIN_TINY, train.DEFAULTS))
     start = train.load_model(looplm_dir, 'melt', cfg, {'vocab_size': 137})[0]  # LoopLM weights + new gates
     run_train(capsys, *common, '--phase=transition', f'--init_from={looplm_dir}', f'--out_dir={tmp_path}/transition',
               '--transition_iters=10', '--learning_rate=3e-3', '--gate_lr=3e-2')
-    after_transition, _ = train.load_checkpoint(f'{tmp_path}/transition', 'cpu')
+    after_transition, _ = checkpoints.load_checkpoint(f'{tmp_path}/transition', 'cpu')
     assert fixed_val_loss('transition', after_transition, None, reason_data) < \
         fixed_val_loss('transition', start, None, reason_data) - 0.01
     _, out = run_train(capsys, *common, '--phase=distill', f'--init_from={tmp_path}/transition',
                        f'--teacher={looplm_dir}', f'--out_dir={tmp_path}/distill', '--gate_lr=3e-2', '--learning_rate=3e-3')
-    after_distill, ckpt = train.load_checkpoint(f'{tmp_path}/distill', 'cpu')
+    after_distill, ckpt = checkpoints.load_checkpoint(f'{tmp_path}/distill', 'cpu')
     assert fixed_val_loss('distill', after_distill, teacher_model, reason_data) < \
         fixed_val_loss('distill', after_transition, teacher_model, reason_data) - 0.001
     assert re.search(r'iter 0: loss [\d.]+ \(kl [\d.]+, attn [\d.]+\)', out)
@@ -61,7 +63,7 @@ def test_alpha_and_learning_rate_schedules(reason_data, looplm_dir, tmp_path, ca
     """alpha: linear, then 1. The learning rate: warmup (it + 1) / (warmup + 1), then a cosine
     from 1 to min_lr_ratio over the rest, by hand: lr x 0.1 + 0.9 x (1 + cos(pi p)) / 2."""
     cfg = train.phase_config('transition', {'transition_iters': 8})
-    assert [train.alpha_at(cfg, i) for i in (0, 2, 4, 8, 12)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert [phases.alpha_at(cfg, i) for i in (0, 2, 4, 8, 12)] == [0.0, 0.25, 0.5, 1.0, 1.0]
     _, out = run_train(capsys, f'--dataset={reason_data}', '--phase=transition', f'--init_from={looplm_dir}',
                        f'--out_dir={tmp_path}', '--max_iters=6', '--eval_interval=100', '--transition_iters=4',
                        '--warmup_iters=2', '--learning_rate=1e-2', '--min_lr_ratio=0.1')
@@ -77,14 +79,14 @@ def test_distill_loss_is_zero_for_the_teacher_itself():
     teacher_aux = loop_model(ids, return_aux=True)
     same = melt_model(ids, alpha=0.0, chunk_size=4, return_aux=True)
     melt = melt_model(ids, alpha=1.0, chunk_size=4, return_aux=True)
-    assert train.kl_every_loop(same, teacher_aux).abs() < 1e-6
-    assert train.attention_alignment(same, teacher_aux) < 1e-10
-    assert train.kl_every_loop(melt, teacher_aux) > 1e-4 and train.attention_alignment(melt, teacher_aux) > 1e-4
+    assert phases.kl_every_loop(same, teacher_aux).abs() < 1e-6
+    assert phases.attention_alignment(same, teacher_aux) < 1e-10
+    assert phases.kl_every_loop(melt, teacher_aux) > 1e-4 and phases.attention_alignment(melt, teacher_aux) > 1e-4
     # hand-check of the KL on one distribution pair: states (1, 1, 2) through an identity head
     s, t, head = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]]), torch.eye(2)
     ps, pt = torch.softmax(s, -1)[0, 0], torch.softmax(t, -1)[0, 0]
     expected = (pt * (pt / ps).log()).sum()
-    assert torch.isclose(train.kl_every_loop({'states': [s], 'head': head}, {'states': [t], 'head': head}), expected)
+    assert torch.isclose(phases.kl_every_loop({'states': [s], 'head': head}, {'states': [t], 'head': head}), expected)
 
 
 def float64_phase(phase, objective='ouro', **overrides):
@@ -93,7 +95,7 @@ def float64_phase(phase, objective='ouro', **overrides):
     cfg['objective'] = objective
     loop_model, melt_model = loop_and_melt_pair()
     student = in_float64(loop_model if phase == 'loop' else melt_model).train()
-    teacher = in_float64(tiny_model('loop')).requires_grad_(False) if train.uses_teacher(cfg) else None
+    teacher = in_float64(tiny_model('loop')).requires_grad_(False) if phases.uses_teacher(cfg) else None
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 64, (2, 13), generator=g)
     y = torch.where(torch.rand(2, 13, generator=g) < 0.3, -1, torch.randint(0, 64, (2, 13), generator=g))
@@ -107,10 +109,10 @@ def test_losses_made_a_slice_at_a_time_equal_every_loops_full_logits(monkeypatch
     """Each loop's logits are made from its state 5 tokens at a time (26 tokens: 6 slices, the
     last shorter) and recomputed in backward: the loss and every gradient equal the old way,
     every loop's full logits at once (conftest.reference_phase_loss), in float64."""
-    monkeypatch.setattr(train, 'LOGITS_PER_SLICE', {'cpu': 5 * 64})
+    monkeypatch.setattr(phases, 'LOGITS_PER_SLICE', {'cpu': 5 * 64})
     cfg, student, teacher, batch, alpha = float64_phase(phase, objective, **overrides)
     params = [p for p in student.parameters() if p.requires_grad]
-    loss, _ = train.phase_loss(cfg, student, teacher, batch, alpha)
+    loss, _ = phases.phase_loss(cfg, student, teacher, batch, alpha)
     ref = reference_phase_loss(cfg, student, teacher, batch, alpha)
     assert abs(loss.item() - ref.item()) < 1e-12 and loss.item() > 1e-3
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -129,7 +131,7 @@ def test_activation_checkpointing_gives_the_same_gradients(phase, alpha):
     grads = {}
     for recompute in (False, True):
         student.recompute_blocks = recompute
-        loss, _ = train.phase_loss(cfg, student, teacher, batch, alpha)
+        loss, _ = phases.phase_loss(cfg, student, teacher, batch, alpha)
         grads[recompute] = torch.autograd.grad(loss, params, allow_unused=True)
     assert sum(g is not None for g in grads[True]) > len(params) // 2
     for plain, recomputed in zip(grads[False], grads[True]):
@@ -138,9 +140,9 @@ def test_activation_checkpointing_gives_the_same_gradients(phase, alpha):
 
 
 def test_mean_keys_hand_worked():
-    assert train.mean_keys(13, 4) == (4 * 4 + 4 * 8 + 4 * 12 + 1 * 13) / 13  # chunks of 4, 4, 4, 1 tokens
-    assert train.mean_keys(5, 1) == (1 + 2 + 3 + 4 + 5) / 5  # exact decoding: causal
-    assert train.mean_keys(13, 13) == train.mean_keys(13, 20) == 13  # one chunk: the whole row
+    assert phases.mean_keys(13, 4) == (4 * 4 + 4 * 8 + 4 * 12 + 1 * 13) / 13  # chunks of 4, 4, 4, 1 tokens
+    assert phases.mean_keys(5, 1) == (1 + 2 + 3 + 4 + 5) / 5  # exact decoding: causal
+    assert phases.mean_keys(13, 13) == phases.mean_keys(13, 20) == 13  # one chunk: the whole row
 
 
 @pytest.mark.parametrize('phase, alpha', [('loop', 0.0), ('transition', 0.0), ('transition', 0.4), ('distill', 1.0)])
@@ -156,27 +158,27 @@ def test_step_flops_equal_the_matmuls_a_step_runs(phase, alpha):
     c, tokens_run = student.config, batch[0].numel()
 
     def attention(chunk):
-        return cfg['loops'] * c.n_layer * 4 * c.n_head * c.head_dim * train.mean_keys(13, chunk)
+        return cfg['loops'] * c.n_layer * 4 * c.n_head * c.head_dim * phases.mean_keys(13, chunk)
     student_attention = attention(13 if phase == 'loop' else cfg['chunk_size'])
-    expected = tokens_run * (train.step_flops_per_token(cfg, student, teacher, alpha)
+    expected = tokens_run * (phases.step_flops_per_token(cfg, student, teacher, alpha)
                              - 3 * student_attention - (attention(13) if teacher else 0))
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
-    assert train.step_flops_per_token(cfg, student, teacher, alpha) > 3 * student_attention > 0
+    assert phases.step_flops_per_token(cfg, student, teacher, alpha) > 3 * student_attention > 0
 
 
 def test_utilisation_against_the_gpus_peak(monkeypatch):
-    assert train.utilisation(1.5e12, 'cpu') == '1.500 TFLOP/s'
+    assert phases.utilisation(1.5e12, 'cpu') == '1.500 TFLOP/s'
     for name, mfu in (('NVIDIA H200', '50.0%'), ('NVIDIA A100-SXM4-80GB', '158.5%'), ('NVIDIA H100 PCIe', '65.4%')):
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
-        assert train.utilisation(494.5e12, 'cuda') == f'494.500 TFLOP/s, MFU {mfu}'
+        assert phases.utilisation(494.5e12, 'cuda') == f'494.500 TFLOP/s, MFU {mfu}'
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'Some GPU')
-    assert train.utilisation(1e12, 'cuda').endswith('MFU unknown (no bf16 peak for Some GPU)')
+    assert phases.utilisation(1e12, 'cuda').endswith('MFU unknown (no bf16 peak for Some GPU)')
 
 
 def step_peak(model, teacher, cfg, batch, alpha):
     """Peak bytes a forward + backward of the phase's loss allocates (torch's profiler)."""
     def step():
-        loss, _ = train.phase_loss(cfg, model, teacher, batch, alpha)
+        loss, _ = phases.phase_loss(cfg, model, teacher, batch, alpha)
         loss.backward()
     step()  # gradients allocated, as in training
     return bench.peak_allocated(step)
@@ -222,7 +224,7 @@ def test_depth_objective_hand_worked():
     targets = torch.tensor([[-1, 2, 4], [1, -1, 0]])
     depth = torch.tensor([[1, 1, 3], [2, 2, 1]])
     aux = {'states': logits, 'head': torch.eye(5), 'exit_logits': exit_logits}  # an identity head: states are logits
-    loss, parts = train.depth_loss(aux, targets, depth, 0.5)
+    loss, parts = phases.depth_loss(aux, targets, depth, 0.5)
     per_loop, ces = [], {}
     for k in range(3):  # the naive way: token by token
         terms = []
@@ -256,7 +258,7 @@ def resolve(words):
 
 
 def test_rows_hold_one_problem_and_depth_is_its_hop_count(reason_data):
-    data = train.Data(reason_data, 8, 'cpu')
+    data = checkpoints.Data(reason_data, 8, 'cpu')
     itos = data.meta['itos']
     x, y, depth = data.batch('train', 64, seed=3)
     assert (x[:, 0] == itos.index('\n')).all()  # every row starts at a problem
@@ -270,7 +272,7 @@ def test_rows_hold_one_problem_and_depth_is_its_hop_count(reason_data):
 def test_the_objective_is_depth_on_the_task_and_ouro_from_ouro_or_without_depths(reason_data, tmp_path):
     def choose(*flags, folder=reason_data):
         cfg = train.phase_config('loop', train.parse_args(list(flags), train.DEFAULTS))
-        return train.choose_objective(cfg, train.Data(folder, 8, 'cpu'))
+        return phases.choose_objective(cfg, checkpoints.Data(folder, 8, 'cpu'))
     assert choose() == 'depth' and choose('--objective=ouro') == 'ouro'
     assert choose('--init_from=ouro:/some/Ouro-1.4B') == 'ouro'
     plain = tmp_path / 'plain'  # the same tokens as a data set of another kind: no depths
@@ -461,7 +463,7 @@ def test_ablation_rows_switch_what_they_say():
 
 
 def test_no_transition_starts_distillation_from_the_looplm_with_fresh_gates(looplm_dir):
-    loop_model, _ = train.load_checkpoint(looplm_dir, 'cpu')
+    loop_model, _ = checkpoints.load_checkpoint(looplm_dir, 'cpu')
     cfg = train.phase_config('distill', train.parse_args(TRAIN_TINY + [f'--init_from={looplm_dir}'], train.DEFAULTS))
     student, _ = train.load_model(cfg['init_from'], 'melt', cfg, {'vocab_size': 137})
     base = student.state_dict()
@@ -490,7 +492,7 @@ def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys, monkeypatch):
         accs = [[by_seed[s][str(n)]['acc'] for s in by_seed] for n in ablate.EVAL_LOOPS]
         cells = ' '.join(f"{np.mean(a):.3f} ±{(max(a) - min(a)) / 2:.3f}" for a in accs)
         assert re.search(re.escape(row) + r' +' + str(len(by_seed)) + ' +' + r' +'.join(re.escape(c) for c in cells.split(' ')), out)
-    ablate.main([f'--out_dir={tmp_path}', '--replot=yes', f'--figure={tmp_path}/fig.png'])  # from results.json
+    ablate.main([f'--out_dir={tmp_path}', '--replot', f'--figure={tmp_path}/fig.png'])  # from results.json
 
     def table(text):
         return text[text.index('accuracy decoding'):].split('\n\n')[0]

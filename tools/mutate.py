@@ -1,6 +1,6 @@
 """
 Does the suite notice a plausible mistake? Each mutation below is a one-line bug an edit could
-introduce into melt.py or train.py. This script applies them one at a time to a copy of the
+introduce into melt.py, phases.py or train.py. This script applies them one at a time to a copy of the
 checkout (never to the checkout itself) and runs the tests that should catch it.
 
 $ python tools/mutate.py            all of them (about 15 minutes on 2 cores)
@@ -62,16 +62,16 @@ MUTATIONS = [
     ("every other loop's normed state kept (half that leak)", 'melt.py',
      "x = self.norm(x)  # the final norm after every loop feeds the next loop",
      "x = self.norm(x); loop % 2 and self.__dict__.setdefault('kept', []).append(x)", MODEL_TESTS),
-    ("the KL's direction reversed: KL(student || teacher)", 'train.py',
+    ("the KL's direction reversed: KL(student || teacher)", 'phases.py',
      "return F.kl_div(F.log_softmax(wide(student_logits), -1), F.log_softmax(wide(teacher_logits), -1),",
      "return F.kl_div(F.log_softmax(wide(teacher_logits), -1), F.log_softmax(wide(student_logits), -1),", TRAIN_TESTS),
-    ("the alignment's stop-gradient on the student, not the target", 'train.py',
+    ("the alignment's stop-gradient on the student, not the target", 'phases.py',
      "return sum(F.mse_loss(wide(s), wide(t.detach())) for s, t in pairs) / len(pairs)",
      "return sum(F.mse_loss(wide(s.detach()), wide(t)) for s, t in pairs) / len(pairs)", TRAIN_TESTS),
-    ("the exit distribution: the last loop does not take the rest", 'train.py',
+    ("the exit distribution: the last loop does not take the rest", 'phases.py',
      "lam = torch.cat([lam[..., :-1], torch.ones_like(lam[..., -1:])], dim=-1)  # last loop takes the rest",
      "lam = lam", TRAIN_TESTS),
-    ("the depth mask: loop k learns problems of fewer than k hops", 'train.py',
+    ("the depth mask: loop k learns problems of fewer than k hops", 'phases.py',
      "learns = torch.stack([mask * (depth <= k + 1) if k < n - 1 else mask for k in range(n)], dim=-1)",
      "learns = torch.stack([mask * (depth <= k) if k < n - 1 else mask for k in range(n)], dim=-1)", TRAIN_TESTS),
     ("the LR schedule: a linear decay instead of the cosine", 'train.py',
@@ -79,7 +79,7 @@ MUTATIONS = [
      "return low + (1 - low) * (1 - progress)", TRAIN_TESTS),
     ("the LR schedule: no warmup", 'train.py',
      "return (it + 1) / (cfg['warmup_iters'] + 1)", "return 1.0", TRAIN_TESTS),
-    ("the transition's alpha ramp ends at half", 'train.py',
+    ("the transition's alpha ramp ends at half", 'phases.py',
      "return min(1.0, iter_num / cfg['transition_iters']) if cfg['transition_iters'] > 0 else 1.0",
      "return min(1.0, iter_num / cfg['transition_iters'] / 2) if cfg['transition_iters'] > 0 else 1.0", TRAIN_TESTS),
 ]

@@ -21,7 +21,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for configurator.py
-from configurator import run_script, write_all  # noqa: E402 (after the path above)
+from configurator import parse_args, run_script, write_all  # noqa: E402 (after the path above)
 
 VARIABLES = 'abcdefgh'
 VALUES = '01234567'
@@ -108,12 +108,7 @@ def prepare(out_dir, n_train=200_000, n_val=5_000, seed=0):
 
 
 def main(argv):
-    out_dir = HERE
-    for arg in argv:
-        if not arg.startswith('--out_dir=') or arg == '--out_dir=':
-            raise ValueError(f"unknown option {arg!r}; expected nothing, or --out_dir=DIR")
-        out_dir = arg.removeprefix('--out_dir=')
-    prepare(out_dir)
+    prepare(parse_args(argv, {'out_dir': HERE}).get('out_dir') or HERE)
 
 
 if __name__ == '__main__':
