@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from typing import NamedTuple
 
@@ -237,7 +237,7 @@ class Process(NamedTuple):
     world: int
     device: str
     device_type: str  # 'cuda' or 'cpu'
-    ctx: object  # autocast on a GPU, nothing on the CPU
+    ctx: AbstractContextManager  # autocast on a GPU, nothing on the CPU
     accum: int  # this process's micro-steps per iteration
 
 
@@ -264,7 +264,7 @@ def start_process(cfg):
 def models(cfg, data, device):
     """The model this phase trains (from scratch, a checkpoint, Ouro, or its own checkpoint on
     resume), checked against the data and the batch; the frozen teacher where the phase has one;
-    and the resumed checkpoint (None unless resuming)."""
+    and the checkpoint the model came from (None from scratch or Ouro)."""
     resume = cfg['init_from'] == 'resume'
     model, ckpt = load_model(cfg['out_dir'] if resume else cfg['init_from'], cfg['kv_sharing'], cfg, data.meta)
     if resume:
