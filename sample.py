@@ -68,6 +68,7 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     decode_step: a step with fixed shapes in place of the forward, e.g. model.decode_step
     replayed as one CUDA graph (bench.py --cuda_graph). Returns idx (B, T + new tokens)."""
     B, T = idx.shape
+    exit_threshold = exit_threshold or None  # 0, like None: every loop
     if not 0 < temperature < float('inf'):
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
     if exit_threshold is not None and not 0 < exit_threshold <= 1:
@@ -78,9 +79,9 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     cache = new_cache(model, B, T, max_new_tokens, loops) if cache is None else cache
     if cache.length:
         raise ValueError(f"generate needs an empty cache, this one holds {cache.length} tokens")
-    if cache.max_tokens < positions_run(T, max_new_tokens):
-        raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call runs "
-                         f"{positions_run(T, max_new_tokens)} positions")
+    needed = positions_run(T, max_new_tokens)
+    if cache.max_tokens < needed:
+        raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call runs {needed} positions")
     with torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():
         logits, _ = model(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
     for step in range(max_new_tokens):
@@ -191,7 +192,7 @@ def main(argv):
         cache = new_cache(model, 1, len(ids), new_tokens, loops)
         y = generate(model, torch.tensor([ids], device=cfg['device']), new_tokens, loops=loops,
                            temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
-                           chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'] or None,
+                           chunk_size=cfg['chunk_size'] or None, exit_threshold=cfg['exit_threshold'],
                            stop_tokens=codec.stop, cache=cache)
         print(codec.decode(y[0].tolist()) + note)
         print('---------------')
