@@ -19,6 +19,7 @@ References:
 3) nanoGPT's model.py (the shape of this file) and gpt-fast (the cache as a data structure).
 """
 
+import copy
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -318,10 +319,22 @@ class KVCache(Cache):
         self.k_loop, self.v_loop = (zeros(loops, *shape), zeros(loops, *shape)) if self.holds_looplm else (None, None)
 
     def put(self, store, rows, x):
-        store[:, :, rows] = x
+        if isinstance(rows, slice):
+            store[:, :, rows] = x
+        else:  # decode_step: each row's one token at its own position
+            store[torch.arange(x.size(0), device=x.device), :, rows.expand(x.size(0))] = x[:, :, 0]
 
     def upto(self, store, n_seen):
         return [store[:, :, :n_seen]]  # one piece: the buffer's first rows, a view
+
+    def row(self, r):
+        """Row r as an empty cache of batch 1 over the same buffers: one prompt prefilled on its
+        own chunk grid into its row of a batch (sample.py's generate of prompts of any length)."""
+        view = copy.copy(self)
+        view.batch_size, view.length, view.loops_run = 1, 0, []
+        view.k, view.v = [None if t is None else t[:, r:r + 1] for t in (self.k, self.v)]
+        view.k_loop, view.v_loop = [None if t is None else t[:, :, r:r + 1] for t in (self.k_loop, self.v_loop)]
+        return view
 
     def buffers(self):
         return [t for t in (self.k, self.v, self.k_loop, self.v_loop) if t is not None]
@@ -438,19 +451,21 @@ class MELT(nn.Module):
         probability reaches q (Ouro's Q-exit). `pos` (decode_step) fixes the shapes: the chunk
         then attends to the whole buffer through a mask. `first`: the forward's first chunk."""
         T = x.size(1)
-        static = pos is not None
-        if not static:
+        if pos is None:  # the chunk's tokens come after the cache's
             pos = torch.arange(cache.length, cache.length + T, device=x.device)
-        n_seen = cache.max_tokens if static else cache.length + T
-        is_causal = T > 1 and n_seen == T  # the chunk sees only itself
-        mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
-        if (T > 1 or static) and not is_causal:
-            mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
-        rows = pos if static else slice(cache.length, cache.length + T)
+            rows, n_seen = slice(cache.length, cache.length + T), cache.length + T
+            is_causal = T > 1 and n_seen == T  # the chunk sees only itself
+            mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
+            if T > 1 and not is_causal:
+                mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs)
+        else:  # decode_step: each row's one token at its own position pos (B,), or pos (1,) for all
+            rows, n_seen, is_causal = pos, cache.max_tokens, False
+            mask = torch.arange(n_seen, device=x.device) <= pos[:, None, None, None]  # (B, 1, 1, n_seen)
+            rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])  # (B, 1, 1, hs)
         training = torch.is_grad_enabled()
         recompute = training and self.recompute_blocks
-        chunk = Chunk((self.rope_cos[pos], self.rope_sin[pos]), mask, is_causal, rows, n_seen,
-                      recompute_attention=training and not first and not recompute)
+        chunk = Chunk(rope, mask, is_causal, rows, n_seen, recompute_attention=training and not first and not recompute)
         h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
         exit_logits = []  # Q-exit: every loop's, (B, T, 1)
         for loop in range(loops):
@@ -489,9 +504,10 @@ class MELT(nn.Module):
         return KVCache(self.config, batch_size, max_tokens, loops, alpha, device=w.device, dtype=w.dtype)
 
     def decode_step(self, idx, cache, pos, loops):
-        """One new token per sequence, idx (B, 1) at position pos (a (1,) tensor), with shapes
-        that stay the same from step to step, so torch.compile can capture it (gpt-fast's
-        decode_one_token). Returns logits (B, 1, V); the caller commits the token."""
+        """One new token per sequence, idx (B, 1), row b at position pos[b] (pos (B,), or (1,) for
+        every row), with shapes that stay the same from step to step, so torch.compile can
+        capture it (gpt-fast's decode_one_token). Returns logits (B, 1, V); the caller commits
+        the token (or, rows at different positions, keeps each row's position itself)."""
         x, _ = self._run_chunk(self.embed_tokens(idx), cache, loops, pos=pos)
         return self.lm_head(x)
 

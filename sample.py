@@ -66,8 +66,17 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     afterwards. After model.compile_blocks() decoding runs compiled and the prefill eagerly
     (its shapes change with every prompt, and its large matmuls gain little from compiling).
     decode_step: a step with fixed shapes in place of the forward, e.g. model.decode_step
-    replayed as one CUDA graph (bench.py --cuda_graph). Returns idx (B, T + new tokens)."""
-    B, T = idx.shape
+    replayed as one CUDA graph (bench.py --cuda_graph). Returns idx (B, T + new tokens).
+    idx may also be a list of prompts of any lengths (1-D lists or tensors): it then returns
+    a list of 1-D tensors, each row equal to that prompt generated alone (generate_rows)."""
+    if isinstance(idx, (list, tuple)):
+        prompts = [torch.as_tensor(p, dtype=torch.long, device=model.lm_head.weight.device).view(-1) for p in idx]
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("generate needs at least one prompt, and each prompt at least one token")
+        if len(prompts) == 1:  # one row: the plain path (which also has Q-exit)
+            return [generate(model, prompts[0][None], max_new_tokens, loops, temperature, top_k, chunk_size,
+                             exit_threshold, stop_tokens, cache, decode_step)[0]]
+    B, T = (len(prompts), max(len(p) for p in prompts)) if isinstance(idx, (list, tuple)) else idx.shape
     exit_threshold = exit_threshold or None  # 0, like None: every loop
     if not 0 < temperature < float('inf'):
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
@@ -82,14 +91,13 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     needed = positions_run(T, max_new_tokens)
     if cache.max_tokens < needed:
         raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call runs {needed} positions")
+    if isinstance(idx, (list, tuple)):
+        return generate_rows(model, prompts, max_new_tokens, loops, temperature, top_k, chunk_size, stop_tokens,
+                             cache, decode_step or model.decode_step)
     with torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():
         logits, _ = model(idx, loops=loops, chunk_size=chunk_size, cache=cache, last_only=True)
     for step in range(max_new_tokens):
-        logits = logits[:, -1, :].float() / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float('inf')
-        idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        idx_next = next_token(logits[:, -1, :], temperature, top_k)
         idx = torch.cat((idx, idx_next), dim=1)
         if step == max_new_tokens - 1 or (B == 1 and idx_next.item() in stop_tokens):
             break  # nothing more to predict: don't run the model on the last token
@@ -100,6 +108,40 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
             logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: a CUDA graph reuses its output
             cache.commit(1, loops)
     return idx
+
+
+def generate_rows(model, prompts, max_new_tokens, loops, temperature, top_k, chunk_size, stop_tokens, cache,
+                  decode_step):
+    """generate for prompts of different lengths. MELT's chunk-wise prefill depends on where
+    the chunk boundaries fall, so each prompt is prefilled alone, on its own chunk grid, into
+    its row of the cache; then all rows decode together, row b at its own position (one
+    decode_step attends to the whole buffer through a per-row mask). A row stops at its own
+    stop token; the batch at max_new_tokens, or once every row has stopped."""
+    with torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():
+        logits = torch.cat([model(p[None], loops=loops, chunk_size=chunk_size, cache=cache.row(b), last_only=True)[0]
+                            for b, p in enumerate(prompts)])  # (B, 1, V)
+    pos = torch.tensor([len(p) for p in prompts], device=prompts[0].device)  # each row's next position
+    rows, stopped = [p.tolist() for p in prompts], [False] * len(prompts)
+    for step in range(max_new_tokens):
+        idx_next = next_token(logits[:, -1, :], temperature, top_k)
+        for b, token in enumerate(idx_next[:, 0].tolist()):
+            if not stopped[b]:
+                rows[b].append(token)
+                stopped[b] = token in stop_tokens
+        if step == max_new_tokens - 1 or all(stopped):
+            break  # a stopped row decodes on with the others, and its tokens are dropped
+        logits = decode_step(idx_next, cache, pos, loops).clone()  # clone: a CUDA graph reuses its output
+        pos = pos + 1
+    return [torch.tensor(row, device=prompts[0].device) for row in rows]
+
+
+def next_token(logits, temperature, top_k):
+    """One token per row (B, 1), sampled from logits (B, V) at a temperature; top_k=1 is greedy."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('inf')
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 class TiktokenCodec:

@@ -7,10 +7,34 @@ import torch
 
 import bench
 import sample
-from conftest import tiny_model, tokens
+from conftest import in_float64, tiny_model, tokens
 
 # ----------------------------------------------------------------------------------------
 # sample.py and bench.py
+
+
+@pytest.mark.parametrize('kv_sharing', ['melt', 'loop'])
+def test_prompts_of_different_lengths_each_equal_that_prompt_generated_alone(kv_sharing):
+    """Greedy, in float64: prompts of 5, 9, 3 and 12 tokens fall differently on the prefill's
+    chunk grid of 4; each row of one batched call equals that prompt generated alone, at 1 and
+    3 loops, and a row stops at its own stop token while the others go on."""
+    model = in_float64(tiny_model(kv_sharing)).eval()
+    prompts = [tokens(n, seed=n)[0] for n in (5, 9, 3, 12)]
+    for loops in (1, 3):
+        alone = [sample.generate(model, p[None], 8, loops=loops, top_k=1, chunk_size=4)[0] for p in prompts]
+        rows = sample.generate(model, [p.tolist() for p in prompts], 8, loops=loops, top_k=1, chunk_size=4)
+        assert [r.tolist() for r in rows] == [a.tolist() for a in alone], loops
+    news = [a[len(p):].tolist() for p, a in zip(prompts, alone)]
+    assert len({tuple(n) for n in news}) == 4 and max(len(set(n)) for n in news) >= 4  # rows differ, and vary
+    b = max(range(4), key=lambda i: len(set(news[i])))  # the row whose tokens vary most stops early
+    stop = next(t for i, t in enumerate(news[b]) if i >= 1 and t not in news[b][:i])
+    expected = []
+    for p, a in zip(prompts, alone):
+        new = a[len(p):].tolist()
+        expected.append(p.tolist() + (new[:new.index(stop) + 1] if stop in new else new))
+    rows = sample.generate(model, prompts, 8, loops=3, top_k=1, chunk_size=4, stop_tokens={stop})
+    assert [r.tolist() for r in rows] == expected
+    assert len(prompts[b]) + 2 <= len(rows[b]) < len(alone[b])
 
 
 def test_sample_greedy_equals_generate_and_reports_the_cache(looplm_dir, capsys):
