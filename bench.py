@@ -18,10 +18,13 @@ What a user asks of MELT against the LoopLM, as small tables:
    another length, compiled against eager decoding, and whether their tokens are equal.
 6. train.py itself (--only=train_script): each phase at Ouro's vocabulary, with and without
    activation checkpointing, as a process of its own: its peak RSS, s/iter, first loss.
+7. Batched generation (--only=batch): prompts of different lengths in one generate call at
+   batch 1, 8 and 32 against one call per prompt, tokens/s, for MELT and the LoopLM.
 
 $ python bench.py                                   1 to 4 on the tiny model (CPU: ~5 min)
 $ python bench.py --only=compile
 $ python bench.py --only=train_script                 train.py's peak RSS per phase (1 thread: ~6 min)
+$ python bench.py --only=batch --prompt_tokens=128 --new_tokens=16
 $ python bench.py --only=generate --prompt_tokens=4096 --loops=4
 $ python bench.py --model=ouro-1.4b --only=memory   the paper's memory figures (bf16, 32,000 tokens)
 $ python bench.py --model=ouro-1.4b --device=cuda --only=generate --prompt_tokens=32000 --new_tokens=12 --cuda_graph
@@ -47,7 +50,7 @@ from sample import generate
 
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
-only = ''  # '' (1 to 4) | memory | generate | train (3 and 4) | phases (3) | compile | train_script
+only = ''  # '' (1 to 4) | memory | generate | train (3 and 4) | phases (3) | compile | train_script | batch (7)
 context = 32_000  # tokens for the memory table's totals (the paper's "32K" is 32,000: 6.29 GB)
 bytes_per_element = 2  # bf16, as the paper counts
 prompt_tokens = 2048
@@ -522,9 +525,45 @@ def train_table(shape, tokens, batch, device):
     return rows
 
 
+BATCHES = (1, 8, 32)
+
+
+def batch_table(shape, prompt, new, loops, device):
+    """Prompts of different lengths in one generate call (each row as if generated alone) at
+    batch 1, 8 and 32, against the same prompts one call each: new tokens per second, for MELT
+    and the LoopLM (random weights, greedy)."""
+    print(f"\n7. Batched generation: prompts of {prompt // 2:,} to {prompt:,} tokens, {new} new tokens each, greedy, "
+          f"{loops} loops; one generate call for the batch against one call per prompt")
+    print(f"   {'mode':>6} {'batch':>5} {'batched tok/s':>14} {'one by one tok/s':>17} {'speed-up':>9}")
+    rows = {}
+    for kv_sharing in ('melt', 'loop'):
+        model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, kv_sharing, device,
+                      torch.float32).eval()
+        g = torch.Generator().manual_seed(0)
+        for batch in BATCHES:
+            prompts = [torch.randint(0, shape['vocab_size'], (int(n),), generator=g).to(device)
+                       for n in torch.linspace(prompt // 2, prompt, batch).round()]
+            generate(model, prompts[:2], 2, loops=loops, top_k=1)  # kernels warmed up
+            batched = seconds(lambda: generate(model, prompts, new, loops=loops, top_k=1), device)
+            single = seconds(lambda: [generate(model, p[None], new, loops=loops, top_k=1) for p in prompts], device)
+            rows[kv_sharing, batch] = (batch * new / batched, batch * new / single)
+            print(f"   {kv_sharing:>6} {batch:>5} {rows[kv_sharing, batch][0]:>14,.0f} {rows[kv_sharing, batch][1]:>17,.0f} "
+                  f"{single / batched:>8.2f}x", flush=True)
+    return rows
+
+
+def seconds(fn, device):
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def check(cfg):
-    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script'):
-        raise ValueError(f"--only must be memory, generate, train, phases, compile or train_script, got {cfg['only']!r}")
+    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script', 'batch'):
+        raise ValueError(f"--only must be memory, generate, train, phases, compile, train_script or batch, "
+                         f"got {cfg['only']!r}")
     for key in ('train_vocab', 'layers'):
         if cfg[key] < 0:
             raise ValueError(f"--{key} must be >= 1 (or 0 for the model's own), got {cfg[key]}")
@@ -585,6 +624,9 @@ def main(argv):
         compile_table(cfg['device'])
     if cfg['only'] == 'train_script':
         train_script_table(cfg['train_vocab'] or shape['vocab_size'], cfg['threads'] or 1)
+    if cfg['only'] == 'batch':
+        batch_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
+                    cfg['device'])
 
 
 def child(spec):
