@@ -150,8 +150,8 @@ class KVGate(nn.Module):
 
 class Chunk(NamedTuple):
     """Where one chunk of T tokens sits while its loops run (MELT._run_chunk makes it)."""
-    rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs)
-    mask: Optional[torch.Tensor]  # (T, n_seen), True where a query may see a key; None: sees all
+    rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs), or (B, 1, 1, hs) in decode_step
+    mask: Optional[torch.Tensor]  # (T, n_seen) or (B, 1, 1, n_seen), True where a query may see a key; None: all
     is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
     rows: Union[slice, torch.Tensor]  # its rows in the cache: slice(start, start + T), or pos in decode_step
     n_seen: int  # cached rows the chunk attends to, its own included
