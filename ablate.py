@@ -197,7 +197,7 @@ def main(argv):
             raise FileNotFoundError(f"{file} {'is a folder' if os.path.isdir(file) else 'does not exist'}, expected "
                                     f"the results of a run: run python ablate.py first")
         return report(read_results(file), cfg)
-    from checkpoints import DATA_DIR, load_checkpoint, prepare_reason_task  # after the flags: torch takes a while
+    from checkpoints import DATA_DIR, prepare_reason_task, read_checkpoint  # after the flags: torch takes a while
     train_args = cfg['train_args'].split()
     t0 = time.time()
     if given(train_args, 'dataset') in (None, 'reason'):  # the task, made if missing; other folders are the user's
@@ -206,7 +206,7 @@ def main(argv):
     if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
         print(f"training the shared LoopLM into {loop_dir}", flush=True)
         train_py([*train_args, '--phase=loop', f'--out_dir={loop_dir}', '--log_interval=1000000'], threads=2)
-    block_size = load_checkpoint(loop_dir, 'cpu')[1]['config']['block_size']  # the rows the runs train on, the LoopLM's
+    block_size = read_checkpoint(loop_dir, 'cpu')['config']['block_size']  # the rows the runs train on, the LoopLM's
     runs = [(row, seed) for row in cfg['rows'] for seed in range(1, cfg['seeds'] + 1)]
 
     def run(row_seed):

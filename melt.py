@@ -497,11 +497,10 @@ class MELT(nn.Module):
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.config.block_size:
             raise ValueError(f"max_tokens must be between 1 and block_size {self.config.block_size}, got {max_tokens!r}")
         w, loops, alpha = self.lm_head.weight, self._check_loops(loops), self._check_alpha(alpha)
-        c = self.config
-        rows = (alpha > 0) + loops * (alpha < 1)  # MELT's one K/V per layer, the LoopLM's one per loop
-        check_fits(2 * c.n_layer * c.n_kv_head * c.head_dim * w.element_size() * rows * batch_size * max_tokens,
+        shape = (self.config, batch_size, max_tokens, loops, alpha)
+        check_fits(KVCache(*shape, device='meta', dtype=w.dtype).nbytes,  # its size, allocating nothing
                    f"a KV cache of {batch_size:,} x {max_tokens:,} tokens at {loops} loops", w.device)
-        return KVCache(self.config, batch_size, max_tokens, loops, alpha, device=w.device, dtype=w.dtype)
+        return KVCache(*shape, device=w.device, dtype=w.dtype)
 
     def decode_step(self, idx, cache, pos, loops):
         """One new token per sequence, idx (B, 1), row b at position pos[b] (pos (B,), or (1,) for
