@@ -33,26 +33,26 @@ def is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def read_text(file, what=None):
-    """A UTF-8 text file's text; one line naming the file (or `what`) if it is missing or not UTF-8."""
+def read_text(file, what=None, remedy=None):
+    """A UTF-8 text file's text; one line naming the file (or `what`) if it is missing or not
+    UTF-8, and `remedy` (what to do) where one is given."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{what or file} does not exist")
     try:
         with open(file, encoding='utf-8') as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what or file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise ValueError(f"{what or file} is not UTF-8 text (byte {e.start}: {e.reason})"
+                         + (f"; {remedy}" if remedy else '')) from None
 
 
 def read_json(file, remedy):
     """A JSON file's value; one line naming the file, where it breaks, and `remedy` (what to do)."""
+    text = read_text(file, remedy=remedy)
     try:
-        with open(file, encoding='utf-8') as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg.lower()}; {remedy}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); {remedy}") from None
 
 
 def typed(key, value, default):
