@@ -409,7 +409,7 @@ def measure_train_script(args, threads):
     with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
         child = subprocess.Popen([sys.executable, os.path.join(here, 'train.py'), *args], stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
         out.seek(0)
         err.seek(0)
         if child.returncode:

@@ -69,14 +69,17 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     replayed as one CUDA graph (bench.py --cuda_graph). Returns idx (B, T + new tokens).
     idx may also be a list of prompts of any lengths (1-D lists or tensors): it then returns
     a list of 1-D tensors, each row equal to that prompt generated alone (generate_rows)."""
-    if isinstance(idx, (list, tuple)):
+    ragged = isinstance(idx, (list, tuple))  # prompts of any lengths
+    if ragged:
         prompts = [torch.as_tensor(p, dtype=torch.long, device=model.lm_head.weight.device).view(-1) for p in idx]
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate needs at least one prompt, and each prompt at least one token")
         if len(prompts) == 1:  # one row: the plain path (which also has Q-exit)
             return [generate(model, prompts[0][None], max_new_tokens, loops, temperature, top_k, chunk_size,
                              exit_threshold, stop_tokens, cache, decode_step)[0]]
-    B, T = (len(prompts), max(len(p) for p in prompts)) if isinstance(idx, (list, tuple)) else idx.shape
+        B, T = len(prompts), max(len(p) for p in prompts)
+    else:
+        B, T = idx.shape
     exit_threshold = exit_threshold or None  # 0, like None: every loop
     if not 0 < temperature < float('inf'):
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
@@ -91,7 +94,7 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     needed = positions_run(T, max_new_tokens)
     if cache.max_tokens < needed:
         raise ValueError(f"the cache holds up to {cache.max_tokens} tokens, this call runs {needed} positions")
-    if isinstance(idx, (list, tuple)):
+    if ragged:
         return generate_rows(model, prompts, max_new_tokens, loops, temperature, top_k, chunk_size, stop_tokens,
                              cache, decode_step or model.decode_step)
     with torch.compiler.set_stance('force_eager') if model.blocks_compiled else nullcontext():

@@ -379,10 +379,14 @@ def train_step(cfg, model, raw_model, teacher_model, optimizer, scaler, data, pr
     return parts_sum
 
 
+def tokens_per_iter(cfg):
+    return cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']
+
+
 def log_line(cfg, raw_model, teacher_model, optimizer, proc, iter_num, parts, seconds):
     """The loss and its parts, the learning rate, ms/iter, tokens/s and TFLOP/s (MFU on a GPU)."""
     steps = 1 if iter_num == 0 else cfg['log_interval']
-    tok_s = cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size'] * steps / seconds
+    tok_s = tokens_per_iter(cfg) * steps / seconds
     flops_s = step_flops_per_token(cfg, raw_model, teacher_model, alpha_at(cfg, iter_num)) * tok_s / proc.world
     extra = ', '.join(f"{k} {v:.4f}" for k, v in parts.items() if k != 'loss')
     return (f"iter {iter_num}: loss {parts['loss']:.6f} ({extra}), lr {optimizer.param_groups[0]['lr']:.2e}, "
@@ -436,10 +440,9 @@ def train(cfg):
 
 
 def start_line(cfg, model):
-    tokens_per_iter = cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']
     from_file = ', '.join(f"{k}={cfg[k]!r}" for k in cfg['from_file'])
     return (f"phase {cfg['phase']}: {model.get_num_params():,} parameters, kv_sharing={model.config.kv_sharing}, "
-            f"loops={cfg['loops']}, objective={cfg['objective']}, {tokens_per_iter:,} tokens/iter, "
+            f"loops={cfg['loops']}, objective={cfg['objective']}, {tokens_per_iter(cfg):,} tokens/iter, "
             f"from {cfg['init_from']} -> {cfg['out_dir']}" + (f"\n  config/{cfg['phase']}.py: {from_file}" if from_file else ''))
 
 
