@@ -278,10 +278,13 @@ def ouro_tokenizer(path):
                         special_tokens=special, missing_byte_ids=[ranks[b] for b in missing])
 
 
-def chat_prompt(messages, thinking=False):
+def chat_prompt(messages, thinking=False, generation_prompt=True):
     """Ouro's ChatML text for a list of {'role', 'content'} messages, ending with the
-    assistant header; -Thinking models expect '<think>\\n' right after it."""
+    assistant header (unless generation_prompt=False); -Thinking models expect '<think>\\n'
+    right after it."""
     text = ''.join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if not generation_prompt:
+        return text
     return text + '<|im_start|>assistant\n' + ('<think>\n' if thinking else '')
 
 

@@ -148,8 +148,11 @@ def next_token(logits, temperature, top_k):
 
 
 class TiktokenCodec:
+    """Text to ids and back. stop: the ids that end a reply; prefix: the id an empty context
+    starts from (eval.py), <|endoftext|>."""
     def __init__(self, enc, stop=()):
         self.enc, self.n_vocab, self.stop = enc, enc.n_vocab, set(stop)
+        self.prefix = enc.encode_single_token('<|endoftext|>') if '<|endoftext|>' in enc.special_tokens_set else 0
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special='all')

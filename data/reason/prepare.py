@@ -11,7 +11,10 @@ is written next to it (train_depth.bin: one uint8 per token), for train.py's dep
 $ python data/reason/prepare.py          writes train.bin / val.bin (uint16), train_depth.bin /
                                          val_depth.bin (uint8) and meta.pkl here
 $ python data/reason/prepare.py --out_dir=DIR    the same into DIR
+$ python data/reason/prepare.py --lm_eval        rewrites lm_eval/melt_reason.jsonl, eval.py's task:
+                                         the held-out problems that train.py's table scores
 """
+import json
 import os
 import pickle
 import random
@@ -55,8 +58,9 @@ def encode(words):
 
 class WordCodec:
     """Text of the task's words ("a=b", "?a", "3"), separated by spaces (a newline is a
-    word), to ids and back: sample.py's tokenizer for this task."""
-    n_vocab, stop = len(WORDS), set()
+    word), to ids and back: sample.py's tokenizer for this task. Every problem starts with a
+    newline: an empty context starts from one (prefix, eval.py)."""
+    n_vocab, stop, prefix = len(WORDS), set(), STOI['\n']
 
     def encode(self, text):
         words = [w for w in text.replace('\n', ' \n ').split(' ') if w]
@@ -91,6 +95,15 @@ def accuracy(model, loops, n=1000, device='cpu', chunk_size=None):
     return float(correct.mean()), per_hop
 
 
+def write_lm_eval_problems(folder=os.path.join(HERE, 'lm_eval')):
+    """The held-out problems of accuracy() as JSONL for the harness task beside it
+    (lm_eval/melt_reason.yaml): the prompt as WordCodec text, the answer word, the hops."""
+    prompts, answers, hops = eval_problems()
+    lines = [json.dumps({'text': WordCodec().decode(p.tolist()), 'answer': WORDS[a], 'hops': int(h)}) + '\n'
+             for p, a, h in zip(prompts, answers, hops)]
+    write_all(folder, {'melt_reason.jsonl': lambda f: f.write(''.join(lines).encode())})
+
+
 def prepare(out_dir, n_train=200_000, n_val=5_000, seed=0):
     """Makes every file first, then writes them under temporary names and renames them only
     once all are written (configurator.write_all): a failure leaves the old data set whole."""
@@ -108,7 +121,10 @@ def prepare(out_dir, n_train=200_000, n_val=5_000, seed=0):
 
 
 def main(argv):
-    prepare(parse_args(argv, {'out_dir': HERE}).get('out_dir') or HERE)
+    args = parse_args(argv, {'out_dir': HERE, 'lm_eval': False})
+    if args.get('lm_eval'):
+        return write_lm_eval_problems()
+    prepare(args.get('out_dir') or HERE)
 
 
 if __name__ == '__main__':
