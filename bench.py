@@ -20,12 +20,18 @@ What a user asks of MELT against the LoopLM, as small tables:
    activation checkpointing, as a process of its own: its peak RSS, s/iter, first loss.
 7. Batched generation (--only=batch): prompts of different lengths in one generate call at
    batch 1, 8 and 32 against one call per prompt, tokens/s, for MELT and the LoopLM.
+8. A memory budget (--only=budget): the largest batch of --context-token sequences that fits
+   --memory_budget GB, from peaks measured at batch 1 and 2 (then run, its peak checked),
+   and the decode tokens/s at that batch: the memory MELT saves becomes batch, and batch
+   becomes throughput.
 
 $ python bench.py                                   1 to 4 on the tiny model (CPU: ~5 min)
 $ python bench.py --only=compile
 $ python bench.py --only=train_script                 train.py's peak RSS per phase (1 thread: ~6 min)
 $ python bench.py --only=batch --prompt_tokens=128 --new_tokens=16
 $ python bench.py --only=generate --prompt_tokens=4096 --loops=4
+$ python bench.py --only=budget --layers=2 --context=8192 --new_tokens=16 --memory_budget=2 --loops=4
+$ python bench.py --model=ouro-1.4b --device=cuda --only=budget --memory_budget=80 --loops=4   (32,000 tokens)
 $ python bench.py --model=ouro-1.4b --only=memory   the paper's memory figures (bf16, 32,000 tokens)
 $ python bench.py --model=ouro-1.4b --device=cuda --only=generate --prompt_tokens=32000 --new_tokens=12 --cuda_graph
 $ python bench.py --model=ouro-1.4b --layers=1 --only=phases --train_tokens=256   the 1.4B width, one layer, on a CPU
@@ -45,12 +51,12 @@ import torch
 import phases
 from checkpoints import read_checkpoint
 from configurator import check_device, parse_args, run_script
-from melt import MAX_LOOPS, MELT, MELTConfig
+from melt import MAX_LOOPS, MELT, MELTConfig, check_fits
 from sample import generate
 
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
-only = ''  # '' (1 to 4) | memory | generate | train (3 and 4) | phases (3) | compile | train_script | batch (7)
+only = ''  # '' (1 to 4) | memory | generate | train (3 and 4) | phases (3) | compile | train_script | batch (7) | budget (8)
 context = 32_000  # tokens for the memory table's totals (the paper's "32K" is 32,000: 6.29 GB)
 bytes_per_element = 2  # bf16, as the paper counts
 prompt_tokens = 2048
@@ -65,6 +71,7 @@ layers = 0  # a model of this many layers at the model's width (0: the model's o
 threads = 0  # torch threads on CPU; 0 = torch's default
 compile = False  # generation: decode through compiled blocks (model.compile_blocks)
 cuda_graph = False  # generation on GPU: replay model.decode_step captured as one CUDA graph (with --compile too)
+memory_budget = 80.0  # GB (10^9 bytes) for --only=budget: the process's peak RSS on CPU, CUDA's allocated on GPU
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -173,19 +180,19 @@ def cuda_graph_step(model, cache, loops):
     return step
 
 
-def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compiled):
-    """One generation run; returns what it measured (bytes and seconds). Run in a fresh
-    process: a peak belongs to the process."""
+def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compiled, batch=1):
+    """One generation run of `batch` prompts; returns what it measured (bytes and seconds).
+    Run in a fresh process: a peak belongs to the process."""
     cuda = device.startswith('cuda')
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, kv_sharing, device, dtype).eval()
-    idx = torch.randint(0, shape['vocab_size'], (1, prompt), device=device)
+    idx = torch.randint(0, shape['vocab_size'], (batch, prompt), device=device)
     step = None
     if 'compile' in compiled:  # decoding through compiled blocks (the prefill stays eager, as in generate)
         model.compile_blocks()
     with torch.no_grad():  # warm up kernels (and compile) outside the measurement
         warm = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
-        generate(model, idx[:, :16], 4, loops=loops, top_k=1, cache=warm)
+        generate(model, idx[:1, :16], 4, loops=loops, top_k=1, cache=warm)
         del warm
 
     def sync():
@@ -197,7 +204,7 @@ def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compi
         return torch.cuda.max_memory_allocated() if cuda else peak_rss()
 
     base = reset_peak(cuda)  # weights (and, on CPU, the process) before the cache exists
-    cache = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
+    cache = model.new_cache(batch, max_tokens=prompt + new - 1, loops=loops)
     if 'cuda_graph' in compiled:
         with torch.no_grad():
             step = cuda_graph_step(model, cache, loops)
@@ -210,7 +217,7 @@ def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compi
     with torch.no_grad():
         for _ in range(new - 1):
             t0 = time.perf_counter()
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
             if step is None:
                 logits, _ = model(nxt, loops=loops, cache=cache)
             else:
@@ -552,6 +559,53 @@ def batch_table(shape, prompt, new, loops, device):
     return rows
 
 
+def largest_batch(one, two, budget):
+    """(batch, bytes per sequence, bytes without any) for a budget, from the peaks of batch 1
+    and batch 2: a sequence costs their difference, the process holds the rest regardless."""
+    per_sequence = two - one
+    fixed = one - per_sequence
+    return (max(0, int((budget - fixed) // per_sequence)) if per_sequence > 0 else 0), per_sequence, fixed
+
+
+def budget_table(shape, context, new, chunk, loops, budget, device):
+    """For MELT and the LoopLM: the largest batch of `context`-token sequences that fits
+    `budget` bytes, estimated from two measured runs and then run itself (one fewer while its
+    peak is over the budget), and the decode tokens/s there and at batch 1."""
+    cuda, prompt = device.startswith('cuda'), context - new + 1  # the cache holds prompt + new - 1 tokens
+    print(f"\n8. Memory budget {budget / 1e9:g} GB ({'CUDA memory allocated' if cuda else 'peak RSS of the process'}): "
+          f"the largest batch of {context:,}-token sequences ({prompt:,}-token prompt + {new} new), {loops} loops, "
+          f"one process per run; MB = 10^6 bytes")
+    print(f"   {'mode':>6} {'MB/sequence':>12} {'KV MB/seq':>10} {'fixed MB':>9} {'batch':>6} {'peak GB':>8} "
+          f"{'decode tok/s':>13} {'at batch 1':>11}")
+    rows = {}
+    for kv_sharing in ('melt', 'loop'):
+        measured = {}
+
+        def run(batch):
+            if batch not in measured:
+                measured[batch] = run_child('generate', shape, kv_sharing, loops, prompt, new, chunk, device, '', batch)
+            r = measured[batch]
+            return r, max(r['prefill_peak'], r['decode_peak'])
+        (one, peak1), (_, peak2) = run(1), run(2)
+        batch, per_sequence, fixed = largest_batch(peak1, peak2, budget)
+        for _ in range(3):  # the estimate is linear in the batch; the run itself decides
+            if batch < 1 or run(batch)[1] <= budget:
+                break
+            batch -= 1
+        r, peak = run(batch) if batch >= 1 else (None, 0)
+        fits = batch >= 1 and peak <= budget
+        tok_s = batch * 1000 / r['decode_ms'] if fits else 0.0
+        rows[kv_sharing] = dict(batch=batch if fits else 0, per_sequence=per_sequence, fixed=fixed, peak=peak,
+                                tok_s=tok_s, tok_s_1=1000 / one['decode_ms'])
+        print(f"   {kv_sharing:>6} {per_sequence / 1e6:>12.1f} {one['kv'] / 1e6:>10.1f} {fixed / 1e6:>9.1f} "
+              f"{rows[kv_sharing]['batch']:>6} {peak / 1e9:>8.2f} {tok_s:>13,.0f} {rows[kv_sharing]['tok_s_1']:>11,.0f}",
+              flush=True)
+    if rows['loop']['tok_s']:
+        print(f"   in the same budget MELT holds {rows['melt']['batch'] / rows['loop']['batch']:.1f}x the sequences and "
+              f"decodes {rows['melt']['tok_s'] / rows['loop']['tok_s']:.2f}x the LoopLM's tokens/s")
+    return rows
+
+
 def seconds(fn, device):
     t0 = time.perf_counter()
     fn()
@@ -561,9 +615,14 @@ def seconds(fn, device):
 
 
 def check(cfg):
-    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script', 'batch'):
-        raise ValueError(f"--only must be memory, generate, train, phases, compile, train_script or batch, "
+    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script', 'batch', 'budget'):
+        raise ValueError(f"--only must be memory, generate, train, phases, compile, train_script, batch or budget, "
                          f"got {cfg['only']!r}")
+    if not cfg['memory_budget'] > 0:
+        raise ValueError(f"--memory_budget must be > 0 (GB), got {cfg['memory_budget']}")
+    if cfg['only'] == 'budget' and cfg['context'] <= cfg['new_tokens']:
+        raise ValueError(f"--context ({cfg['context']}) must be more than --new_tokens ({cfg['new_tokens']}): "
+                         f"each sequence is a prompt and its new tokens")
     for key in ('train_vocab', 'layers'):
         if cfg[key] < 0:
             raise ValueError(f"--{key} must be >= 1 (or 0 for the model's own), got {cfg[key]}")
@@ -624,6 +683,11 @@ def main(argv):
         compile_table(cfg['device'])
     if cfg['only'] == 'train_script':
         train_script_table(cfg['train_vocab'] or shape['vocab_size'], cfg['threads'] or 1)
+    if cfg['only'] == 'budget':
+        check_fits(cfg['memory_budget'] * 1e9, f"--memory_budget={cfg['memory_budget']:g}", cfg['device'])
+        budget_table({**shape, 'block_size': max(shape['block_size'], cfg['context'])}, cfg['context'],
+                     cfg['new_tokens'], cfg['prefill_chunk'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
+                     cfg['memory_budget'] * 1e9, cfg['device'])
     if cfg['only'] == 'batch':
         batch_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
                     cfg['device'])

@@ -215,6 +215,7 @@ def test_a_tokenizer_smaller_than_the_model_and_a_teacher_of_another_width(reaso
     ('bench', '--train_batch=-1', r'--train_batch must be >= 1, got -1'),
     ('bench', '--threads=-2', r'--threads must be >= 1 \(or 0 for torch.s default\), got -2'),
     ('bench', '--loops=4,0', r"--loops must be loop counts in \[1, 1024\] separated by commas, e.g. 1,4,8; got '4,0'"),
+    ('bench', '--memory_budget=0', r'--memory_budget must be > 0 \(GB\), got 0.0'),
 ])
 def test_values_out_of_range_are_refused(script, flag, match, reason_data, looplm_dir, tmp_path):
     if script == 'train':

@@ -133,3 +133,31 @@ def test_no_script_stands_on_train_py_and_every_function_fits_on_a_screen():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno + 1 <= 60, (path.name, node.name)
+
+
+def test_bench_budget_table_takes_the_largest_batch_whose_measured_peak_fits(monkeypatch, capsys):
+    """A sequence costs the difference of the batch-1 and batch-2 peaks; the batch is the
+    budget over that, and one fewer while the batch's own run peaks over the budget. The
+    measurements here are made up (peak = 200 MB + batch x 10 MB for MELT, 40 MB for the
+    LoopLM, 5 MB more from batch 80 up), so every figure is worked by hand."""
+    assert bench.largest_batch(210e6, 220e6, 1000e6) == (80, 10e6, 200e6)
+    assert bench.largest_batch(300e6, 300e6, 1000e6)[0] == 0  # no growth measured: no batch claimed
+    runs = []
+
+    def fake_child(kind, shape, kv_sharing, loops, prompt, new, chunk, device, compiled, batch):
+        runs.append((kv_sharing, batch))
+        per = {'melt': 10e6, 'loop': 40e6}[kv_sharing]
+        peak = 200e6 + batch * per + (5e6 if batch >= 80 else 0)
+        return {'prefill_peak': peak, 'decode_peak': peak - 1, 'decode_ms': 10 + 0.1 * batch, 'kv': per - 2e6}
+    monkeypatch.setattr(bench, 'run_child', fake_child)
+    rows = bench.budget_table(bench.SHAPES['tiny'], 2048, 8, 64, 4, 1000e6, 'cpu')
+    assert runs == [('melt', 1), ('melt', 2), ('melt', 80), ('melt', 79), ('loop', 1), ('loop', 2), ('loop', 20)]
+    assert rows['melt']['batch'] == 79 and rows['loop']['batch'] == 20  # 200 + 790 MB and 200 + 800 MB fit 1 GB
+    assert rows['melt']['tok_s'] == pytest.approx(79 * 1000 / 17.9) and rows['loop']['tok_s'] == pytest.approx(20 * 1000 / 12)
+    out = capsys.readouterr().out
+    assert re.search(r'^\s+melt\s+10\.0\s+8\.0\s+200\.0\s+79\s+0\.99\s+4,413\s+99$', out, re.M)
+    assert 'MELT holds 4.0x the sequences and decodes 2.65x the LoopLM' in out
+    with pytest.raises(ValueError, match=r'--memory_budget=1e\+06 would take 1,000,000.0 GB, more than the .* GB free on cpu'):
+        bench.main(['--only=budget', '--memory_budget=1e6', '--device=cpu'])
+    with pytest.raises(ValueError, match=r'--context \(16\) must be more than --new_tokens \(16\)'):
+        bench.main(['--only=budget', '--context=16', '--new_tokens=16'])

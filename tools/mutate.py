@@ -1,6 +1,6 @@
 """
 Does the suite notice a plausible mistake? Each mutation below is a one-line bug an edit could
-introduce into melt.py, phases.py or train.py. This script applies them one at a time to a copy of the
+introduce into melt.py, phases.py, train.py, sample.py or eval.py (eval.py's need lm-eval installed). This script applies them one at a time to a copy of the
 checkout (never to the checkout itself) and runs the tests that should catch it.
 
 $ python tools/mutate.py            all of them (about 15 minutes on 2 cores)
@@ -19,6 +19,7 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_TESTS = ['test_melt.py', 'test_ouro.py', 'test_scripts.py']
 TRAIN_TESTS = ['test_train.py']
+EVAL_TESTS = ['test_eval.py']
 
 # (name, file, the line's text as it is, as the bug writes it, the tests to run)
 MUTATIONS = [
@@ -82,6 +83,17 @@ MUTATIONS = [
     ("the transition's alpha ramp ends at half", 'phases.py',
      "return min(1.0, iter_num / cfg['transition_iters']) if cfg['transition_iters'] > 0 else 1.0",
      "return min(1.0, iter_num / cfg['transition_iters'] / 2) if cfg['transition_iters'] > 0 else 1.0", TRAIN_TESTS),
+    ("ragged generation: every row decodes at the longest prompt's position", 'sample.py',
+     "pos = torch.tensor([len(p) for p in prompts], device=prompts[0].device)",
+     "pos = torch.tensor([max(map(len, prompts))] * len(prompts), device=prompts[0].device)", MODEL_TESTS),
+    ("eval: a batch padded on the left, scored as if on the right", 'eval.py',
+     "x = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in batch], device=self._device)",
+     "x = torch.tensor([[0] * (T - len(rows[i])) + rows[i] for i in batch], device=self._device)", EVAL_TESTS),
+    ("eval: the context's trailing spaces left in the context", 'eval.py',
+     "context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation",
+     "context, continuation = context, continuation", EVAL_TESTS),
+    ("eval: generate_until ignores the task's until strings", 'eval.py',
+     "text = text.split(stop)[0]", "text = text", EVAL_TESTS),
 ]
 
 
