@@ -86,7 +86,10 @@ class MELTEval(LM):
         position sees only those before it, and MELT's chunk grid starts at 0 in every row,
         so padding changes no row's scores."""
         n = self.model.config.block_size
-        rows = [(context + continuation)[-(n + 1):][:-1] for context, continuation in pairs]
+        longest = max(len(continuation) for _, continuation in pairs)
+        if longest > n:
+            raise ValueError(f"a continuation of {longest} tokens is longer than the model's block_size {n}")
+        rows = [(context + continuation)[-(n + 1):][:-1] for context, continuation in pairs]  # cut from the left
         order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))  # similar lengths together
         out = [None] * len(pairs)
         step = 1 if self.exit_threshold else self.batch_size  # Q-exit decides per row, in a cache
@@ -132,8 +135,9 @@ class MELTEval(LM):
             until = kwargs.pop('until', None) or []
             until = [until] if isinstance(until, str) else list(until)
             new = min(kwargs.pop('max_gen_toks', self.max_gen_toks), self.model.config.block_size)
-            sampled = kwargs.pop('do_sample', False) and kwargs.get('temperature', 0) > 0
-            temperature, top_k = (kwargs['temperature'], None) if sampled else (1.0, 1)  # else greedy
+            temperature = float(kwargs.get('temperature', 1.0))  # as in HF's generate; 0 is greedy
+            sampled = kwargs.get('do_sample', False) and temperature > 0
+            temperature, top_k = (temperature, None) if sampled else (1.0, 1)  # else greedy
             step = 1 if self.exit_threshold else self.batch_size
             for start in range(0, len(indices), step):
                 batch = indices[start:start + step]

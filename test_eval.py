@@ -99,6 +99,21 @@ def test_generate_until_in_batches_equals_each_prompt_generated_alone_and_cut_at
     assert lm.tokens_run > 0 and lm.loops_run == 2 * lm.tokens_run
 
 
+def test_generate_until_samples_when_the_task_asks_and_is_greedy_at_temperature_0():
+    lm = harness_model('melt')
+    ids = torch.tensor([CharCodec().encode('hello')])
+    expected = {}
+    for temperature, top_k in ((0.7, None), (1.0, 1)):
+        torch.manual_seed(5)
+        expected[temperature] = CharCodec().decode(ev.generate(lm.model, ids, 10, loops=2, temperature=temperature,
+                                                               top_k=top_k)[0, 5:].tolist())
+    for kwargs, want in (({'do_sample': True, 'temperature': 0.7}, expected[0.7]),
+                         ({'do_sample': True, 'temperature': 0.0}, expected[1.0]), ({'do_sample': False}, expected[1.0])):
+        torch.manual_seed(5)
+        assert lm.generate_until(requests(('hello', {**kwargs, 'max_gen_toks': 10}))) == [want], kwargs
+    assert expected[0.7] != expected[1.0]
+
+
 def test_q_exit_counts_the_loops_each_decoded_token_ran():
     lm = harness_model('melt', loops=3, exit_threshold=0.5)
     with torch.no_grad():  # every token's exit probability after loop 1 is ~1: decoded tokens run 1 loop
