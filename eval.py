@@ -12,6 +12,7 @@ It prints the harness's table, then the KV cache's bytes per token and the loops
 token (fewer than --loops with --exit_threshold). Options as --key=value or --key value.
 """
 import logging
+import os
 import time
 
 import torch
@@ -30,6 +31,7 @@ except ImportError:  # eval.py's model class needs the harness; main() says how 
 # -----------------------------------------------------------------------------
 init_from = 'out/distill'  # an out dir of train.py, or 'ouro:PATH'
 tasks = 'melt_reason'  # harness task names, comma-separated; melt_reason ships in data/reason/lm_eval
+include_path = ''  # folders of your own task YAMLs, comma-separated (the harness's --include_path)
 loops = 0  # 0: the model's own n_loops
 kv_sharing = ''  # 'melt' | 'loop'; empty: as saved ('melt' for ouro:PATH)
 chunk_size = 0  # MELT's prefill chunk size; 0: the model's own (train.py's table scores MELT at 1, as it decodes)
@@ -201,12 +203,17 @@ def check(cfg):
     check_device(cfg['device'])
 
 
-def task_manager(names):
-    """The harness's tasks with the shipped melt_reason among them; names checked first."""
+def task_manager(names, include_path=''):
+    """The harness's tasks with the shipped melt_reason (and include_path's) among them;
+    names checked first."""
     from lm_eval.tasks import TaskManager
-    manager = TaskManager(include_path=TASKS_DIR, include_defaults=False)  # the shipped task alone: fast
+    paths = [TASKS_DIR] + [p for p in include_path.split(',') if p]
+    for path in paths[1:]:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--include_path: {path!r} is not a folder (of task YAML files)")
+    manager = TaskManager(include_path=paths, include_defaults=False)  # ours alone: fast
     if not all(name in manager.all_tasks for name in names):  # index the harness's own too (seconds)
-        manager = TaskManager(include_path=TASKS_DIR)
+        manager = TaskManager(include_path=paths)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise ValueError(f"--tasks: {unknown[0]!r} is not a task, group or tag of the harness "
@@ -233,7 +240,7 @@ def main(argv):
         raise ImportError("eval.py needs EleutherAI's lm-evaluation-harness: pip install -r requirements-eval.txt")
     from lm_eval.utils import make_table
     names = [name.strip() for name in cfg['tasks'].split(',') if name.strip()]
-    manager = task_manager(names)
+    manager = task_manager(names, cfg['include_path'])
     torch.manual_seed(cfg['seed'])
     model, codec = load(cfg)
     model.to(cfg['device'], torch_dtype(cfg['dtype'])).eval()

@@ -175,7 +175,59 @@ def test_without_the_harness_eval_says_how_to_install_it(monkeypatch):
     ('--exit_threshold=2', r'--exit_threshold must be in \(0, 1\]'),
     ('--chat', r"--chat and --thinking use Ouro's chat format: they need --init_from=ouro:PATH"),
     ('--init_from=nowhere', r"no checkpoint folder 'nowhere'"),
+    ('--include_path=/no/such/folder', r"--include_path: '/no/such/folder' is not a folder \(of task YAML files\)"),
 ])
 def test_eval_refuses_bad_flags_in_one_line(flag, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         ev.main([flag])
+
+
+def test_an_ouro_folder_in_chat_format_on_a_task_of_ones_own(tmp_path, monkeypatch, capsys):
+    """--init_from=ouro:PATH --chat --include_path: a multiple-choice task (the harness's
+    loglikelihood requests) on a tiny Ouro folder; every request the harness sends is ChatML,
+    its score equals the naive Ouro forward's, and the harness's accuracy is the argmax of
+    those scores."""
+    from conftest import OURO_TINY, naive_forward, ouro_tensors, train_hf_tokenizer, varied_lines, write_ouro_folder
+    from ouro import ouro_tokenizer
+    from test_ouro import read_safetensors_by_hand
+    folder = tmp_path / 'ouro'
+    cfg = dict(OURO_TINY, vocab_size=300, max_position_embeddings=256)  # every request fits: none is cut
+    train_hf_tokenizer(varied_lines(200), folder, vocab_size=300)
+    write_ouro_folder(folder, cfg, ouro_tensors(cfg))
+    lines = [' '.join(line.split()[:5]) for line in varied_lines(200) if len(line.split()) >= 3][:40]
+    docs = [{'q': lines[i], 'choices': [' '.join(lines[i + k].split()[:k // 10]) for k in (10, 20, 30)], 'label': i % 3}
+            for i in range(4)]
+    (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in docs))
+    (tmp_path / 'tasks').mkdir()
+    (tmp_path / 'tasks' / 'tiny_mc.yaml').write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/docs.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    seen = []
+    real = ev.MELTEval.loglikelihood
+
+    def recorded(self, requests):
+        out = real(self, requests)
+        seen.extend(zip([r.args for r in requests], out))
+        return out
+    monkeypatch.setattr(ev.MELTEval, 'loglikelihood', recorded)
+    results = ev.main([f'--init_from=ouro:{folder}', f'--include_path={tmp_path}/tasks', '--tasks=tiny_mc', '--chat',
+                       '--kv_sharing=loop', '--loops=2', '--batch_size=4', '--dtype=float32'])
+    enc, weights = ouro_tokenizer(str(folder)), read_safetensors_by_hand(folder)
+    assert len(seen) == 12
+    for (context, continuation), (logprob, _) in seen:
+        assert context.startswith('<|im_start|>user\n') and context.endswith('<|im_start|>assistant\n')
+        head = enc.encode(context, allowed_special='all')
+        ids = enc.encode(context + continuation, allowed_special='all')
+        lp = torch.log_softmax(naive_forward(cfg, weights, ids[:-1], 2, [len(ids) - 1], kv='loop'), -1)
+        assert abs(logprob - sum(lp[t - 1, ids[t]].item() for t in range(len(head), len(ids)))) < 1e-4
+    scores = {}
+    for (context, continuation), (logprob, _) in seen:
+        scores.setdefault(context, []).append((continuation, logprob))
+    hits = []
+    for d in docs:
+        (choices,) = [v for k, v in scores.items() if d['q'] in k]
+        best = max(choices, key=lambda c: c[1])[0]
+        hits.append(best.strip() == d['choices'][d['label']])
+    assert results['results']['tiny_mc']['acc,none'] == pytest.approx(np.mean(hits))
+    assert 'LoopLM at 2 loops: KV cache' in capsys.readouterr().out
