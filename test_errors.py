@@ -339,12 +339,19 @@ def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(reason_data, tmp_path):
     proc = subprocess.Popen([sys.executable, 'train.py'] + TRAIN_TINY + [
         f'--dataset={reason_data}', '--phase=loop', f'--out_dir={out_dir}', '--max_iters=100000',
         '--eval_interval=3', '--log_interval=1000'], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (out_dir / 'ckpt.pt').exists() and time.time() < deadline:
+    deadline = time.time() + 120
+    while not (out_dir / 'ckpt.pt').exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
+    if not (out_dir / 'ckpt.pt').exists():  # say why, rather than interrupt a run that never started
+        proc.kill()
+        pytest.fail(f"train.py wrote no checkpoint (exit {proc.wait()}): {proc.communicate()[1][-2000:]}")
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"train.py still running 60 s after Ctrl-C: {proc.communicate()[1][-2000:]}")
     assert proc.returncode == 130 and 'Traceback' not in err and err.strip().count('\n') == 0, err
     assert 'interrupted' in err
     assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] % 3 == 0
