@@ -4,6 +4,7 @@ files it describes) and checkpoints (ckpt.pt), with the names of fields renamed 
 older files still load. sample.py, bench.py and ablate.py load models from here, not from
 train.py. Every mistake in a file is one line naming the file, the field and what was expected.
 """
+import importlib.util
 import os
 import pickle
 import re
@@ -75,6 +76,9 @@ def read_meta(folder):
         field('itos', lambda v: v == reason.WORDS, f"the task's {len(reason.WORDS)} words of data/reason/prepare.py")
         field('row_len', lambda v: v == reason.PROBLEM_LEN, f'{reason.PROBLEM_LEN}, the tokens of one problem')
         field('max_depth', lambda v: v == reason.MAX_HOPS, f'{reason.MAX_HOPS}, the most hops of a problem')
+    elif meta['tokenizer'] == 'char':  # data/text/prepare.py --tokenizer=char: the characters themselves
+        field('itos', lambda v: isinstance(v, list) and len(v) == vocab and len(set(v)) == vocab and
+              all(isinstance(c, str) and len(c) == 1 for c in v), f'{vocab} distinct characters (vocab_size)')
     elif 'max_depth' in meta:
         field('max_depth', lambda v: is_int(v) and 1 <= v <= 255, 'an integer in [1, 255] (uint8 depths)')
     return meta
@@ -82,8 +86,11 @@ def read_meta(folder):
 
 def remake_command(folder, meta):
     """The command that remakes the data set in `folder`."""
-    if meta.get('tokenizer') == 'reason' or os.path.basename(os.path.normpath(folder)) == 'reason':
+    name = os.path.basename(os.path.normpath(folder))
+    if meta.get('tokenizer') == 'reason' or name == 'reason':
         return f"python data/reason/prepare.py --out_dir={folder}"
+    if name != 'text' and os.path.isfile(os.path.join(DATA_DIR, name, 'prepare.py')):  # data/austen
+        return f"python data/{name}/prepare.py --out_dir={folder}"
     return f"python data/text/prepare.py --input=FILE --out_dir={folder}"
 
 
@@ -161,6 +168,20 @@ def prepare_reason_task(folder):
         Data(folder, 1, 'cpu').check()
     except (ValueError, OSError):
         reason.prepare(folder)
+
+
+def prepare_data_set(folder):
+    """A data set whose folder has its own prepare.py (data/austen), made (again) unless whole."""
+    try:
+        Data(folder, 1, 'cpu').check()
+    except (ValueError, OSError):
+        script = os.path.join(folder, 'prepare.py')
+        if not os.path.isfile(script):
+            raise
+        spec = importlib.util.spec_from_file_location('prepare', script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main([f'--out_dir={folder}'])
 
 
 # -----------------------------------------------------------------------------

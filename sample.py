@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from checkpoints import dataset_dir, load_checkpoint, read_meta
 from configurator import DTYPES, check_choice, check_device, parse_args, read_text, run_script, torch_dtype
 from data.reason import prepare as reason
+from data.text.prepare import CharCodec
 from ouro import chat_prompt, load_encoding, load_ouro, stop_ids
 
 # -----------------------------------------------------------------------------
@@ -170,12 +171,15 @@ def load(cfg):
         model, tokenizer = load_trained(source, cfg['kv_sharing'])
         if tokenizer == 'reason':
             return model, reason.WordCodec()
+        if isinstance(tokenizer, list):  # a character-level data set's alphabet
+            return model, CharCodec(tokenizer)
     enc = load_encoding(tokenizer)
     return model, TiktokenCodec(enc, stop_ids(enc) if tokenizer.startswith('ouro:') else ())
 
 
 def load_trained(source, kv_sharing):
-    """(model, the tokenizer of its data) from an out dir of train.py: 'reason', 'gpt2' or 'ouro:PATH'."""
+    """(model, the tokenizer of its data) from an out dir of train.py: 'reason', 'gpt2', 'ouro:PATH',
+    or a character-level data set's alphabet (a list)."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"no checkpoint folder {source!r}: run python train.py first, or pass --init_from")
     model, ckpt = load_checkpoint(source, 'cpu')
@@ -184,10 +188,12 @@ def load_trained(source, kv_sharing):
         raise ValueError(f"{source}/ckpt.pt lacks 'config' (the run's settings), so its data set's tokenizer is unknown")
     folder = dataset_dir(ckpt['config']['dataset'])
     meta = read_meta(folder)  # the training data's
+    if meta['tokenizer'] == 'char':
+        return model, meta['itos']
     tokenizer = meta['tokenizer'] if meta['tokenizer'] == 'reason' else meta.get('tokenizer_path', meta['tokenizer'])
     if tokenizer not in ('reason', 'gpt2') and not tokenizer.startswith('ouro:'):
         raise ValueError(f"{folder}/meta.pkl names the tokenizer {tokenizer!r}; sample.py decodes "
-                         f"the reasoning task's words, 'gpt2' and 'ouro:PATH' (data/text/prepare.py's tokenizers)")
+                         f"the reasoning task's words, characters, 'gpt2' and 'ouro:PATH' (data/text/prepare.py's tokenizers)")
     return model, tokenizer
 
 

@@ -290,7 +290,7 @@ def test_prepare_text_refuses_user_mistakes(case, tmp_path, monkeypatch):
             'too short': [f'--input={write_bytes(tmp_path / "short.txt", b"hello")}', f'--out_dir={tmp_path}/d'],
             'out_dir a file': [f'--input={text}', f'--out_dir={text}', '--tokenizer=gpt2'],
             'offline gpt2': [f'--input={text}', f'--out_dir={tmp_path}/d']}[case]
-    error, match = {'unknown tokenizer': (ValueError, r"--tokenizer must be 'gpt2' or 'ouro:PATH', got 'bert'"),
+    error, match = {'unknown tokenizer': (ValueError, r"--tokenizer must be 'gpt2', 'char' or 'ouro:PATH', got 'bert'"),
                     'missing input': (FileNotFoundError, r'--input=.*nothing.txt: no such file'),
                     'not utf-8': (ValueError, r'latin.txt is not UTF-8 text'),
                     'too short': (ValueError, r'short.txt holds 5 characters; need at least 100'),
