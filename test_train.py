@@ -508,3 +508,77 @@ def test_ablation_grid_end_to_end(reason_data, tmp_path, capsys, monkeypatch):
         assert len(png) > 20_000
     else:
         assert 'no figure: matplotlib is not installed' in out and not (tmp_path / 'fig.png').exists()
+
+
+# ----------------------------------------------------------------------------------------
+# the main job on text: data/austen, characters, config/austen.py
+
+
+def test_characters_of_the_austen_books_split_90_10_and_decode_back(tmp_path):
+    from data.austen.prepare import BOOKS, austen_text
+    from data.austen.prepare import main as prepare_austen
+    from data.text.prepare import CharCodec
+    prepare_austen([f'--out_dir={tmp_path}', '--max_chars=3000'])
+    meta = checkpoints.read_meta(str(tmp_path))
+    text = '\n\n'.join((pathlib.Path(__file__).parent / 'data' / 'austen' / b).read_text()[:3000] for b in BOOKS)
+    assert austen_text(3000) == text and meta['tokenizer'] == 'char' and meta['itos'] == sorted(set(text))
+    codec = CharCodec(meta['itos'])
+    train_ids = np.fromfile(tmp_path / 'train.bin', dtype=np.uint16).tolist()
+    val_ids = np.fromfile(tmp_path / 'val.bin', dtype=np.uint16).tolist()
+    split = int(len(text) * 0.9)
+    assert codec.decode(train_ids) == text[:split] and codec.decode(val_ids) == text[split:]
+    assert [meta['itos'].index(c) for c in 'Emma'] == codec.encode('Emma')
+    with pytest.raises(ValueError, match=r"'\$' is not a character of this data set's"):
+        codec.encode('$5')
+    meta['itos'] = meta['itos'][:-1]  # one character short of vocab_size
+    (tmp_path / 'meta.pkl').write_bytes(pickle.dumps(meta))
+    with pytest.raises(ValueError, match=rf"itos is .*expected {meta['vocab_size']} distinct characters"):
+        checkpoints.read_meta(str(tmp_path))
+
+
+def test_the_austen_recipe_runs_offline_through_every_phase_and_its_table_is_measured(tmp_path, monkeypatch, capsys):
+    """python train.py config/austen.py on a slice of the books, tiny: the three phases and the
+    1-loop baseline into out/austen-*, and the table's CE equals MELT decoding token by token
+    (a KVCache, another code path than the chunk-1 forward) and the LoopLM's full forward."""
+    from data.austen.prepare import main as prepare_austen
+    prepare_austen([f'--out_dir={tmp_path}/austen', '--max_chars=20000'])
+    monkeypatch.chdir(tmp_path)  # out/ is relative to the working directory
+    rows = train.main([str(pathlib.Path(__file__).parent / 'config' / 'austen.py'), f'--dataset={tmp_path}/austen',
+                       '--max_iters=6', '--eval_interval=3', '--eval_iters=1', '--batch_size=4', '--block_size=16',
+                       '--n_embd=32', '--n_hidden=48', '--chunk_size=4', '--loops=2', '--log_interval=3',
+                       '--device=cpu', '--dtype=float32'])
+    out = capsys.readouterr().out
+    for phase in ('loop', 'transition', 'distill', 'base'):
+        assert (tmp_path / 'out' / f'austen-{phase}' / 'ckpt.pt').is_file()
+    assert 'config/austen/distill.py' in out and 'loops=1' in out  # the recipe's phase files; the baseline
+    assert [(name, n) for name, n, *_ in rows] == [('LoopLM', n) for n in (1, 2, 4, 8)] + \
+        [('MELT', n) for n in (1, 2, 4, 8)] + [('1-loop baseline', 1)]
+    kv = {(name, n): b for name, n, _, _, b in rows}
+    assert kv['MELT', 8] == kv['MELT', 1] == kv['LoopLM', 1] and kv['LoopLM', 8] == 8 * kv['LoopLM', 1]
+    data = checkpoints.Data(f'{tmp_path}/austen', 16, 'cpu')
+    x, y, _ = data.batch('val', 4, train.batch_seed(1337, 0, 0, 'val'))
+    ce = {(name, n): c for name, n, c, _, _ in rows}
+    melt, _ = checkpoints.load_checkpoint('out/austen-distill', 'cpu')
+    looplm, _ = checkpoints.load_checkpoint('out/austen-loop', 'cpu')
+    for n in (1, 4):
+        cache, logits = melt.new_cache(4, 16, n), []
+        with torch.no_grad():
+            for t in range(16):
+                logits.append(melt(x[:, t:t + 1], loops=n, cache=cache)[0])
+            decoded = torch.nn.functional.cross_entropy(torch.cat(logits, 1).flatten(0, 1), y.flatten()).item()
+            full = looplm(x, targets=y, loops=n)[1].item()
+        assert abs(ce['MELT', n] - decoded) < 1e-5 and abs(ce['LoopLM', n] - full) < 1e-6, n
+    assert all(abs(bits - c / math.log(2)) < 1e-12 for _, _, c, bits, _ in rows)
+    import sample  # and sample.py writes text from it: greedy, what generate gives
+    capsys.readouterr()
+    sample.main(['--init_from=out/austen-distill', '--loops=8', '--num_samples=1', '--max_new_tokens=12', '--top_k=1',
+                 '--start=Emma', '--device=cpu', '--dtype=float32'])
+    text = capsys.readouterr().out.split('\n---------------')[0]
+    model, codec = sample.load({'init_from': 'out/austen-distill', 'kv_sharing': ''})
+    expected = sample.generate(model, torch.tensor([codec.encode('Emma')]), 12, loops=8, top_k=1)[0]
+    assert text == codec.decode(expected.tolist()) and len(text) == 16 and text.startswith('Emma')
+
+
+def test_a_recipe_must_have_its_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"--recipe='nothing': no folder config/nothing/ with its phases' config files"):
+        train.main(['--recipe=nothing', f'--out_dir={tmp_path}/o'])

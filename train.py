@@ -10,6 +10,9 @@ $ python train.py                         the main job: prepares data/reason if 
                                           loop -> transition -> distill into out/<phase>, and
                                           prints accuracy and KV bytes per token at 1, 2, 4, 8 loops
 $ python train.py --phase distill         one phase (here from out/transition, teacher out/loop)
+$ python train.py config/austen.py        the main job on text (data/austen, characters): the three
+                                          phases and a 1-loop baseline into out/austen-<phase>, then
+                                          validation CE and bits per character at 1, 2, 4, 8 loops
 $ python train.py --phase=loop --init_from=ouro:/path/to/Ouro-1.4B --dataset=text
 $ torchrun --standalone --nproc_per_node=2 train.py --phase=loop     (DDP: nccl on GPU, gloo on CPU)
 
@@ -29,7 +32,8 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import DATA_DIR, PHASES, Data, load_checkpoint, prepare_reason_task, save_checkpoint
+from checkpoints import (DATA_DIR, PHASES, Data, dataset_dir, load_checkpoint, prepare_data_set, prepare_reason_task,
+                         save_checkpoint)
 from configurator import DTYPES, check_choice, check_device, is_int, parse_args, read_config_file, run_script, torch_dtype
 from data.reason import prepare as reason
 from melt import GATES, MELT, MELTConfig, check_fits
@@ -40,6 +44,7 @@ from phases import (alpha_at, check_batch_fits, choose_objective, configure_opti
 # -----------------------------------------------------------------------------
 # config values: the LoopLM's; config/transition.py and config/distill.py replace some
 phase = 'all'  # 'all' (the main job: loop, transition, distill) | 'loop' | 'transition' | 'distill'
+recipe = ''  # the main job on other data (config/<recipe>.py sets it): config/<recipe>/<phase>.py replace config/<phase>.py
 out_dir = ''  # default: out/<phase>
 init_from = 'scratch'  # 'scratch' | 'resume' | an out dir | 'ouro:PATH'
 teacher = 'out/loop'  # the frozen LoopLM for distill (and KD in transition): an out dir or 'ouro:PATH'
@@ -92,17 +97,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_FLAGS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_hidden')  # the shape of a model from scratch
 
 
-def phase_file(name):
-    """The phase's config file (config/<phase>.py), or None where the values above hold."""
-    path = os.path.join(HERE, 'config', f'{name}.py')
+def phase_file(name, recipe=''):
+    """The phase's config file (config/<phase>.py, or config/<recipe>/<phase>.py), or None
+    where the values above hold."""
+    folder = os.path.join(HERE, 'config', recipe)
+    if recipe and not os.path.isdir(folder):
+        raise ValueError(f"--recipe={recipe!r}: no folder config/{recipe}/ with its phases' config files")
+    path = os.path.join(folder, f'{name}.py')
     return path if os.path.isfile(path) else None
+
+
+def recipe_chain(name, recipe):
+    """A recipe's out dir for a phase, and where that phase starts from: out/<recipe>-<phase>,
+    the transition from the LoopLM's, distill from the transition's with the LoopLM as teacher."""
+    run = lambda phase: f'out/{recipe}-{phase}'  # noqa: E731
+    return {'out_dir': run(name), 'init_from': {'transition': run('loop'), 'distill': run('transition')}.get(name, 'scratch'),
+            'teacher': run('loop')}
 
 
 def phase_config(name, overrides):
     """The settings of one phase: the values above, its config file's, then the command line's."""
-    from_file = read_config_file(phase_file(name), DEFAULTS) if phase_file(name) else {}
-    cfg = {**DEFAULTS, **from_file, **overrides, 'phase': name}
-    cfg['out_dir'] = overrides.get('out_dir') or f'out/{name}'
+    recipe = overrides.get('recipe', '')
+    file = phase_file(name, recipe)
+    from_file = read_config_file(file, DEFAULTS) if file else {}
+    chain = recipe_chain(name, recipe) if recipe else {}
+    cfg = {**DEFAULTS, **chain, **from_file, **overrides, 'phase': name}
+    cfg['out_dir'] = overrides.get('out_dir') or chain.get('out_dir') or f'out/{name}'
     if cfg['init_from'].startswith('ouro:') and 'teacher' not in overrides:
         cfg['teacher'] = cfg['init_from']  # the Ouro model is its own MELT student's teacher
     for key in ('loops', 'chunk_size', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
@@ -443,7 +463,7 @@ def start_line(cfg, model):
     from_file = ', '.join(f"{k}={cfg[k]!r}" for k in cfg['from_file'])
     return (f"phase {cfg['phase']}: {model.get_num_params():,} parameters, kv_sharing={model.config.kv_sharing}, "
             f"loops={cfg['loops']}, objective={cfg['objective']}, {tokens_per_iter(cfg):,} tokens/iter, "
-            f"from {cfg['init_from']} -> {cfg['out_dir']}" + (f"\n  config/{cfg['phase']}.py: {from_file}" if from_file else ''))
+            f"from {cfg['init_from']} -> {cfg['out_dir']}" + (f"\n  config/{cfg['recipe'] + '/' if cfg['recipe'] else ''}{cfg['phase']}.py: {from_file}" if from_file else ''))
 
 
 # -----------------------------------------------------------------------------
@@ -465,14 +485,59 @@ def final_table(loop_model, melt_model, device, eval_loops=(1, 2, 4, 8)):
     return rows
 
 
+def text_table(runs, data, cfg):
+    """Validation cross-entropy (nats per token) and bits per token of each (name, model, loop
+    counts) on eval_iters fixed batches of the val split. MELT runs as it decodes (chunk 1);
+    its CE on the chunk grid it trained on is the last column (the LoopLM's chunking is exact)."""
+    batches = [data.batch('val', cfg['batch_size'], batch_seed(cfg['seed'], 0, k, 'val')) for k in range(cfg['eval_iters'])]
+
+    def val_ce(model, n, chunk):
+        with torch.no_grad():
+            return sum(model(x, targets=y, loops=n, chunk_size=chunk)[1].item() for x, y, _ in batches) / len(batches)
+    print(f"\n{'model':<15} {'loops':>5} {'val CE':>7} {'bits/char':>9}  {'KV bytes/token':>14}  "
+          f"CE in chunks of {cfg['chunk_size']}")
+    rows = []
+    for name, model, loop_counts in runs:
+        model.eval()
+        melt = model.config.kv_sharing == 'melt'
+        for n in loop_counts:
+            ce = val_ce(model, n, 1 if melt else None)
+            rows.append((name, n, ce, ce / math.log(2), model.config.kv_bytes_per_token(n, 4)))
+            print(f"{name:<15} {n:>5} {ce:>7.3f} {ce / math.log(2):>9.3f}  {rows[-1][4]:>14,}"
+                  + (f"  {val_ce(model, n, cfg['chunk_size']):>7.3f}" if melt else ''))
+    return rows
+
+
+def recipe_job(overrides):
+    """The main job on a recipe's data (config/<recipe>.py): the data set made where missing,
+    the three phases, the LoopLM's shape and steps trained at 1 loop (does looping pay?), then
+    text_table: the LoopLM and MELT at 1, 2, 4, 8 loops, the baseline at 1."""
+    prepare_data_set(dataset_dir(overrides.get('dataset', DEFAULTS['dataset'])))
+    t0 = time.time()
+    base = {**overrides, 'loops': 1, 'out_dir': f"out/{overrides['recipe']}-base"}
+    configs = [phase_config(name, overrides) for name in PHASES] + [phase_config('loop', base)]
+    for cfg in configs:  # every flag checked above, before any training
+        train(cfg)
+    device = configs[0]['device']
+    loop_model, melt_model, base_model = (load_checkpoint(configs[i]['out_dir'], device)[0] for i in (0, 2, 3))
+    data = Data(configs[0]['dataset'], configs[0]['block_size'], device)
+    rows = text_table([('LoopLM', loop_model, (1, 2, 4, 8)), ('MELT', melt_model, (1, 2, 4, 8)),
+                       ('1-loop baseline', base_model, (1,))], data, configs[0])
+    print(f"\nmain job done in {time.time() - t0:.0f} s")
+    return rows
+
+
 def main(argv):
     overrides = parse_args(argv, DEFAULTS)
     if overrides.get('phase', 'all') not in PHASES + ('all',):
         raise ValueError(f"--phase must be one of {', '.join(PHASES + ('all',))}, got {overrides['phase']!r}")
     if overrides.get('phase', 'all') != 'all':
         return train(phase_config(overrides['phase'], overrides))
+    if overrides.get('recipe'):
+        return recipe_job(overrides)
     if overrides.get('dataset', 'reason') != 'reason':
-        raise ValueError("the main job (--phase=all) runs on data/reason; pick a --phase for other data")
+        raise ValueError("the main job (--phase=all) runs on data/reason, or on a recipe's data "
+                         "(python train.py config/austen.py); pick a --phase for other data")
     if 'out_dir' in overrides:
         raise ValueError("--out_dir is per phase; the main job writes out/loop, out/transition, out/distill")
     prepare_reason_task(os.path.join(DATA_DIR, 'reason'))
