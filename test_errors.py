@@ -336,9 +336,12 @@ def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(reason_data, tmp_path):
     import time
     here = os.path.dirname(os.path.abspath(__file__))
     out_dir = tmp_path / 'run'
+    inherited = signal.getsignal(signal.SIGINT)  # what the child would inherit from this process
+    # a terminal starts train.py with Ctrl-C at its default, whatever the process running the tests has set
     proc = subprocess.Popen([sys.executable, 'train.py'] + TRAIN_TINY + [
         f'--dataset={reason_data}', '--phase=loop', f'--out_dir={out_dir}', '--max_iters=100000',
-        '--eval_interval=3', '--log_interval=1000'], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        '--eval_interval=3', '--log_interval=1000'], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out_dir / 'ckpt.pt').exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -350,8 +353,11 @@ def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(reason_data, tmp_path):
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
+        with open(f'/proc/{proc.pid}/status') as f:
+            masks = ' '.join(line.strip() for line in f if line.startswith(('SigBlk', 'SigIgn', 'SigCgt')))
         proc.kill()
-        pytest.fail(f"train.py still running 60 s after Ctrl-C: {proc.communicate()[1][-2000:]}")
+        pytest.fail(f"train.py still running 60 s after Ctrl-C (the tests' SIGINT handler: {inherited}; "
+                    f"the child's {masks}): {proc.communicate()[1][-2000:]}")
     assert proc.returncode == 130 and 'Traceback' not in err and err.strip().count('\n') == 0, err
     assert 'interrupted' in err
     assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] % 3 == 0
