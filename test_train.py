@@ -579,6 +579,9 @@ def test_the_austen_recipe_runs_offline_through_every_phase_and_its_table_is_mea
     assert text == codec.decode(expected.tolist()) and len(text) == 16 and text.startswith('Emma')
 
 
-def test_a_recipe_must_have_its_folder(tmp_path):
+def test_a_recipe_must_have_its_folder(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(train, 'prepare_data_set', made.append)
     with pytest.raises(ValueError, match=r"--recipe='nothing': no folder config/nothing/ with its phases' config files"):
         train.main(['--recipe=nothing', f'--out_dir={tmp_path}/o'])
+    assert made == []  # refused before any data set is made

@@ -512,11 +512,11 @@ def recipe_job(overrides):
     """The main job on a recipe's data (config/<recipe>.py): the data set made where missing,
     the three phases, the LoopLM's shape and steps trained at 1 loop (does looping pay?), then
     text_table: the LoopLM and MELT at 1, 2, 4, 8 loops, the baseline at 1."""
-    prepare_data_set(dataset_dir(overrides.get('dataset', DEFAULTS['dataset'])))
-    t0 = time.time()
     base = {**overrides, 'loops': 1, 'out_dir': f"out/{overrides['recipe']}-base"}
-    configs = [phase_config(name, overrides) for name in PHASES] + [phase_config('loop', base)]
-    for cfg in configs:  # every flag checked above, before any training
+    configs = [phase_config(name, overrides) for name in PHASES] + [phase_config('loop', base)]  # all checked first
+    prepare_data_set(dataset_dir(configs[0]['dataset']))
+    t0 = time.time()
+    for cfg in configs:
         train(cfg)
     device = configs[0]['device']
     loop_model, melt_model, base_model = (load_checkpoint(configs[i]['out_dir'], device)[0] for i in (0, 2, 3))
