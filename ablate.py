@@ -197,11 +197,11 @@ def main(argv):
             raise FileNotFoundError(f"{file} {'is a folder' if os.path.isdir(file) else 'does not exist'}, expected "
                                     f"the results of a run: run python ablate.py first")
         return report(read_results(file), cfg)
-    from checkpoints import DATA_DIR, prepare_reason_task, read_checkpoint  # after the flags: torch takes a while
+    from checkpoints import DATA_DIR, prepare_data_set, read_checkpoint  # after the flags: torch takes a while
     train_args = cfg['train_args'].split()
     t0 = time.time()
     if given(train_args, 'dataset') in (None, 'reason'):  # the task, made if missing; other folders are the user's
-        prepare_reason_task(os.path.join(DATA_DIR, 'reason'))
+        prepare_data_set(os.path.join(DATA_DIR, 'reason'))
     loop_dir = os.path.join(cfg['out_dir'], 'loop')
     if not os.path.isfile(os.path.join(loop_dir, 'ckpt.pt')):
         print(f"training the shared LoopLM into {loop_dir}", flush=True)

@@ -162,16 +162,9 @@ class Data:
         return x, y, rows(self.depths(split), 1) if self.has_depth else None
 
 
-def prepare_reason_task(folder):
-    """data/reason, made (again) unless it holds the current task's data, whole."""
-    try:
-        Data(folder, 1, 'cpu').check()
-    except (ValueError, OSError):
-        reason.prepare(folder)
-
-
 def prepare_data_set(folder):
-    """A data set whose folder has its own prepare.py (data/austen), made (again) unless whole."""
+    """A data set whose folder has its own prepare.py (data/reason, data/austen), made (again)
+    by it unless the folder holds the current data, whole."""
     try:
         Data(folder, 1, 'cpu').check()
     except (ValueError, OSError):

@@ -32,8 +32,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (DATA_DIR, PHASES, Data, dataset_dir, load_checkpoint, prepare_data_set, prepare_reason_task,
-                         save_checkpoint)
+from checkpoints import DATA_DIR, PHASES, Data, dataset_dir, load_checkpoint, prepare_data_set, save_checkpoint
 from configurator import DTYPES, check_choice, check_device, is_int, parse_args, read_config_file, run_script, torch_dtype
 from data.reason import prepare as reason
 from melt import GATES, MELT, MELTConfig, check_fits
@@ -540,7 +539,7 @@ def main(argv):
                          "(python train.py config/austen.py); pick a --phase for other data")
     if 'out_dir' in overrides:
         raise ValueError("--out_dir is per phase; the main job writes out/loop, out/transition, out/distill")
-    prepare_reason_task(os.path.join(DATA_DIR, 'reason'))
+    prepare_data_set(os.path.join(DATA_DIR, 'reason'))
     t0 = time.time()
     configs = [phase_config(name, overrides) for name in PHASES]  # every flag checked before any training
     for cfg in configs:
