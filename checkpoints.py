@@ -161,6 +161,23 @@ class Data:
             y = torch.where(torch.isin(x, self.loss_after.to(x.device)), y, -1)
         return x, y, rows(self.depths(split), 1) if self.has_depth else None
 
+    def val_batches(self, batch_size, n, seed):
+        """The n fixed validation batches a run of this seed scores on (batch_seed's)."""
+        return [self.batch('val', batch_size, batch_seed(seed, 0, k, 'val')) for k in range(n)]
+
+
+def batch_seed(seed, iter_num, micro_step, split='train'):
+    """The seed of one micro-batch (Data.batch): the same batches in the same order on resume."""
+    return (seed * 1_000_003 + iter_num * 1009 + micro_step) * 2 + (split == 'val')
+
+
+def mean_ce(model, batches, loops, chunk_size=None):
+    """The model's mean cross-entropy (nats per target) over batches of (x, y, _) in eval mode:
+    a text model's validation loss (train.py's text table, ablate.py on text)."""
+    model.eval()
+    with torch.no_grad():
+        return sum(model(x, targets=y, loops=loops, chunk_size=chunk_size)[1].item() for x, y, _ in batches) / len(batches)
+
 
 def prepare_data_set(folder):
     """A data set whose folder has its own prepare.py (data/reason, data/austen), made (again)

@@ -460,6 +460,43 @@ def test_ablation_rows_switch_what_they_say():
     assert all(f['teacher'] == 'L' for row, fs in flags.items() for f in fs if row != 'ouro objective')
     assert flags['ouro objective'] == [{'seed': '2', 'phase': 'loop', 'objective': 'ouro', 'out_dir': 'R/ouro_objective/seed2/loop',
                                         'log_interval': '1000000'}]
+    shorter = ablate.plan('element', 1, 'L', 'R', 8, ['--max_iters=5'], {'distill': ['--max_iters=9']})[0]
+    assert shorter[0][0] == '--max_iters=5' and shorter[1][:2] == ['--max_iters=9', '--max_iters=5']  # train_args win
+
+
+def test_ablation_on_text_scores_each_row_by_its_validation_ce(tmp_path, capsys, monkeypatch):
+    """python ablate.py --recipe=austen on a slice of the books, tiny: the recipe's config and its
+    rows' phase settings reach every run, and each row's CE equals its model decoding the val
+    batches token by token through a KVCache (another code path than the chunk-1 forward)."""
+    from data.austen.prepare import main as prepare_austen
+    prepare_austen([f'--out_dir={tmp_path}/austen', '--max_chars=20000'])
+    monkeypatch.chdir(tmp_path)
+    assert 'ouro objective' not in ablate.parse(['--recipe=austen'])['rows'] and len(ablate.parse(['--recipe=austen'])['rows']) == 9
+    flags = TRAIN_TINY + [f'--dataset={tmp_path}/austen', '--max_iters=3', '--eval_interval=3']
+    ablate.main(['--recipe=austen', '--out_dir=grid', '--rows=first,no_transition', '--seeds=1', '--figure=fig.png',
+                 '--train_args=' + ' '.join(flags)])
+    out = capsys.readouterr().out
+    transition = checkpoints.read_checkpoint('grid/first/seed1/transition', 'cpu')['config']
+    assert transition['recipe'] == 'austen' and transition['transition_iters'] == 60 and transition['max_iters'] == 3
+    assert transition['gate'] == 'first' and transition['n_embd'] == 32  # config/austen.py, then the row, then train_args
+    results = json.load(open('grid/results.json'))
+    assert list(results) == ['LoopLM', 'first', 'no transition'] and (tmp_path / 'fig.png').is_file()
+    data = checkpoints.Data(f'{tmp_path}/austen', 18, 'cpu')
+    batches = data.val_batches(8, ablate.TEXT_EVAL_BATCHES, 1337)
+    model, _ = checkpoints.load_checkpoint('grid/first/seed1/distill', 'cpu')
+    for n in (1, 4):
+        decoded = []
+        for x, y, _ in batches:
+            cache, logits = model.new_cache(8, 18, n), []
+            with torch.no_grad():
+                for t in range(18):
+                    logits.append(model(x[:, t:t + 1], loops=n, cache=cache)[0])
+            decoded.append(torch.nn.functional.cross_entropy(torch.cat(logits, 1).flatten(0, 1), y.flatten()).item())
+        assert abs(results['first']['1'][str(n)]['ce'] - sum(decoded) / len(decoded)) < 1e-5, n
+    ce = [results['first']['1'][str(n)]['ce'] for n in ablate.EVAL_LOOPS]
+    bits = out[out.index('bits per character'):]
+    assert re.search(r'first +1 +' + r' +'.join(f'{c:.3f} ±0.000' for c in ce), out)
+    assert re.search(r'first +1 +' + r' +'.join(f'{c / math.log(2):.3f} ±0.000' for c in ce), bits)
 
 
 def test_no_transition_starts_distillation_from_the_looplm_with_fresh_gates(looplm_dir):
@@ -556,7 +593,7 @@ def test_the_austen_recipe_runs_offline_through_every_phase_and_its_table_is_mea
     kv = {(name, n): b for name, n, _, _, b in rows}
     assert kv['MELT', 8] == kv['MELT', 1] == kv['LoopLM', 1] and kv['LoopLM', 8] == 8 * kv['LoopLM', 1]
     data = checkpoints.Data(f'{tmp_path}/austen', 16, 'cpu')
-    x, y, _ = data.batch('val', 4, train.batch_seed(1337, 0, 0, 'val'))
+    x, y, _ = data.batch('val', 4, checkpoints.batch_seed(1337, 0, 0, 'val'))
     ce = {(name, n): c for name, n, c, _, _ in rows}
     melt, _ = checkpoints.load_checkpoint('out/austen-distill', 'cpu')
     looplm, _ = checkpoints.load_checkpoint('out/austen-loop', 'cpu')

@@ -32,7 +32,8 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import DATA_DIR, PHASES, Data, dataset_dir, load_checkpoint, prepare_data_set, save_checkpoint
+from checkpoints import (DATA_DIR, PHASES, Data, batch_seed, dataset_dir, load_checkpoint, mean_ce, prepare_data_set,
+                         save_checkpoint)
 from configurator import DTYPES, check_choice, check_device, is_int, parse_args, read_config_file, run_script, torch_dtype
 from data.reason import prepare as reason
 from melt import GATES, MELT, MELTConfig, check_fits
@@ -325,11 +326,6 @@ def optimizer_state(cfg, model, ckpt, device_type):
     return optimizer, ckpt['iter_num'], ckpt['best_val_loss']
 
 
-def batch_seed(seed, iter_num, micro_step, split='train'):
-    """The seed of one micro-batch (Data.batch): the same batches in the same order on resume."""
-    return (seed * 1_000_003 + iter_num * 1009 + micro_step) * 2 + (split == 'val')
-
-
 def lr_scale(cfg, it):
     """Linear warmup, then a cosine down to min_lr_ratio."""
     if it < cfg['warmup_iters']:
@@ -346,8 +342,7 @@ def estimate_val_loss(cfg, model, teacher_model, data, ctx):
     """The mean loss over eval_iters fixed validation batches, at the phase's eval_alpha."""
     model.eval()
     losses = []
-    for k in range(cfg['eval_iters']):
-        batch = data.batch('val', cfg['batch_size'], batch_seed(cfg['seed'], 0, k, 'val'))
+    for batch in data.val_batches(cfg['batch_size'], cfg['eval_iters'], cfg['seed']):
         with ctx:
             losses.append(phase_loss(cfg, model, teacher_model, batch, cfg['eval_alpha'])[0].item())
     model.train()
@@ -488,22 +483,17 @@ def text_table(runs, data, cfg):
     """Validation cross-entropy (nats per token) and bits per token of each (name, model, loop
     counts) on eval_iters fixed batches of the val split. MELT runs as it decodes (chunk 1);
     its CE on the chunk grid it trained on is the last column (the LoopLM's chunking is exact)."""
-    batches = [data.batch('val', cfg['batch_size'], batch_seed(cfg['seed'], 0, k, 'val')) for k in range(cfg['eval_iters'])]
-
-    def val_ce(model, n, chunk):
-        with torch.no_grad():
-            return sum(model(x, targets=y, loops=n, chunk_size=chunk)[1].item() for x, y, _ in batches) / len(batches)
+    batches = data.val_batches(cfg['batch_size'], cfg['eval_iters'], cfg['seed'])
     print(f"\n{'model':<15} {'loops':>5} {'val CE':>7} {'bits/char':>9}  {'KV bytes/token':>14}  "
           f"CE in chunks of {cfg['chunk_size']}")
     rows = []
     for name, model, loop_counts in runs:
-        model.eval()
         melt = model.config.kv_sharing == 'melt'
         for n in loop_counts:
-            ce = val_ce(model, n, 1 if melt else None)
+            ce = mean_ce(model, batches, n, 1 if melt else None)
             rows.append((name, n, ce, ce / math.log(2), model.config.kv_bytes_per_token(n, 4)))
             print(f"{name:<15} {n:>5} {ce:>7.3f} {ce / math.log(2):>9.3f}  {rows[-1][4]:>14,}"
-                  + (f"  {val_ce(model, n, cfg['chunk_size']):>7.3f}" if melt else ''))
+                  + (f"  {mean_ce(model, batches, n, cfg['chunk_size']):>7.3f}" if melt else ''))
     return rows
 
 
