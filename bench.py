@@ -24,6 +24,11 @@ What a user asks of MELT against the LoopLM, as small tables:
    --memory_budget GB, from peaks measured at batch 1 and 2 (then run, its peak checked),
    and the decode tokens/s at that batch: the memory MELT saves becomes batch, and batch
    becomes throughput.
+9. Long prefill (--only=prefill): MELT's prefill at --prefill_contexts tokens, what it holds
+   beyond the weights and the cache, and its time per token.
+10. The longest context (--only=context): for MELT and the LoopLM at each loop count, the
+   longest prompt whose prefill and --new_tokens decode steps fit --memory_budget GB, found by
+   running it.
 
 $ python bench.py                                   1 to 4 on the tiny model (CPU: ~5 min)
 $ python bench.py --only=compile
@@ -32,11 +37,15 @@ $ python bench.py --only=batch --prompt_tokens=128 --new_tokens=16
 $ python bench.py --only=generate --prompt_tokens=4096 --loops=4
 $ python bench.py --only=budget --layers=2 --context=8192 --new_tokens=16 --memory_budget=2 --loops=4
 $ python bench.py --model=ouro-1.4b --device=cuda --only=budget --memory_budget=80 --loops=4   (32,000 tokens)
+$ python bench.py --model=mini --only=prefill --prefill_chunk=1024 --threads=1    8K, 32K, 128K tokens (~10 min)
+$ python bench.py --only=context --memory_budget=0.45 --new_tokens=4 --loops=1,4,8
+$ python bench.py --model=ouro-1.4b --device=cuda --only=context --memory_budget=139 --loops=4 --prefill_chunk=4096
 $ python bench.py --model=ouro-1.4b --only=memory   the paper's memory figures (bf16, 32,000 tokens)
 $ python bench.py --model=ouro-1.4b --device=cuda --only=generate --prompt_tokens=32000 --new_tokens=12 --cuda_graph
 $ python bench.py --model=ouro-1.4b --layers=1 --only=phases --train_tokens=256   the 1.4B width, one layer, on a CPU
 $ python bench.py --model=out/distill               a checkpoint's shape
 """
+import ctypes
 import json
 import os
 import re
@@ -57,11 +66,12 @@ from sample import generate
 # -----------------------------------------------------------------------------
 model = 'tiny'  # tiny | ouro-1.4b | ouro-2.6b | an out dir of train.py | ouro:PATH (its config.json)
 only = ''  # '' (1 to 4) | memory | generate | train (3 and 4) | phases (3) | compile | train_script | batch (7) | budget (8)
+#          | prefill (9) | context (10)
 context = 32_000  # tokens for the memory table's totals (the paper's "32K" is 32,000: 6.29 GB)
 bytes_per_element = 2  # bf16, as the paper counts
 prompt_tokens = 2048
 new_tokens = 64
-prefill_chunk = 64  # MELT's chunk size for the prefill (the LoopLM prefills in one chunk)
+prefill_chunk = 64  # the prefill's chunk size (exact for the LoopLM, MELT's trained-on grid for MELT)
 loops = ''  # generation's loop counts, e.g. '4' or '1,4,8'; '' = 1,4,8
 kv_sharing = 'melt,loop'  # generation's models: melt (one gated K/V per layer), loop (the LoopLM)
 train_tokens = 1024
@@ -71,7 +81,8 @@ layers = 0  # a model of this many layers at the model's width (0: the model's o
 threads = 0  # torch threads on CPU; 0 = torch's default
 compile = False  # generation: decode through compiled blocks (model.compile_blocks)
 cuda_graph = False  # generation on GPU: replay model.decode_step captured as one CUDA graph (with --compile too)
-memory_budget = 80.0  # GB (10^9 bytes) for --only=budget: the process's peak RSS on CPU, CUDA's allocated on GPU
+memory_budget = 80.0  # GB (10^9 bytes) for --only=budget and context: the process's peak RSS on CPU, CUDA's allocated on GPU
+prefill_contexts = '8192,32768,131072'  # --only=prefill's prompt lengths
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -80,6 +91,7 @@ OURO = dict(vocab_size=49152, block_size=65536, n_head=16, n_kv_head=16, n_embd=
             n_loops=4, rope_theta=1e6, norm_eps=1e-6)
 SHAPES = {
     'tiny': dict(vocab_size=512, block_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, n_hidden=704, n_loops=4),
+    'mini': dict(vocab_size=512, block_size=4096, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, n_hidden=176, n_loops=2),
     'ouro-1.4b': dict(OURO, n_layer=24),
     'ouro-2.6b': dict(OURO, n_layer=48),
 }
@@ -96,7 +108,14 @@ def peak_rss():
 
 
 def reset_peak_rss():
-    """Start a new peak from what is resident now (Linux: 5 > /proc/self/clear_refs)."""
+    """Start a new peak from what is resident now (Linux: 5 > /proc/self/clear_refs). First
+    glibc gives back the heap memory already freed (malloc_trim): else a block freed before
+    (RoPE's tables are made through temporaries as long as the context) would count in the
+    base and then serve the cache or the prefill without adding to the peak."""
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
     return peak_rss()
@@ -180,9 +199,11 @@ def cuda_graph_step(model, cache, loops):
     return step
 
 
-def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compiled, batch=1):
+def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compiled, batch=1, tensors=False):
     """One generation run of `batch` prompts; returns what it measured (bytes and seconds).
-    Run in a fresh process: a peak belongs to the process."""
+    Run in a fresh process: a peak belongs to the process. With tensors (CPU), the prefill
+    runs once more, into a new cache, under the profiler: 'prefill_tensors' is the peak of the
+    bytes its tensors held beyond the weights and the cache, free of the allocator's slack."""
     cuda = device.startswith('cuda')
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build({**shape, 'block_size': max(shape['block_size'], prompt + new)}, kv_sharing, device, dtype).eval()
@@ -190,9 +211,10 @@ def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compi
     step = None
     if 'compile' in compiled:  # decoding through compiled blocks (the prefill stays eager, as in generate)
         model.compile_blocks()
-    with torch.no_grad():  # warm up kernels (and compile) outside the measurement
-        warm = model.new_cache(1, max_tokens=prompt + new - 1, loops=loops)
-        generate(model, idx[:1, :16], 4, loops=loops, top_k=1, cache=warm)
+    with torch.no_grad():  # warm up kernels (and compile, whose graphs are for the cache's size) outside the measurement
+        warm_prompt = min(prompt, 2 * chunk)  # two chunks: one alone, one after it, at the prefill's shapes
+        warm = model.new_cache(1, max_tokens=prompt + new - 1 if compiled else warm_prompt + 3, loops=loops)
+        generate(model, idx[:1, :warm_prompt], 4, loops=loops, top_k=1, chunk_size=chunk, cache=warm)
         del warm
 
     def sync():
@@ -226,11 +248,15 @@ def measure_generate(shape, kv_sharing, loops, prompt, new, chunk, device, compi
             sync()
             times.append(time.perf_counter() - t0)
     decode_peak = now_peak()
-    times = sorted(times[1:])  # the first step after the prefill may still warm up
-    weights = weight_bytes(model)
-    return {'weights': weights, 'kv': cache.nbytes, 'base': base, 'prefill_peak': prefill_peak,
-            'decode_peak': decode_peak, 'prefill_s': prefill_s, 'decode_ms': 1000 * times[len(times) // 2],
-            'cuda': cuda}
+    times = sorted(times[1:] or times)  # the first step after the prefill may still warm up
+    run = {'weights': weight_bytes(model), 'kv': cache.nbytes, 'base': base, 'prefill_peak': prefill_peak,
+           'decode_peak': decode_peak, 'prefill_s': prefill_s, 'decode_ms': 1000 * times[len(times) // 2], 'cuda': cuda}
+    if tensors:
+        del cache
+        again = model.new_cache(batch, max_tokens=prompt + new - 1, loops=loops)
+        run['prefill_tensors'] = peak_allocated(torch.no_grad()(lambda: model(idx, loops=loops, chunk_size=chunk,
+                                                                              cache=again, last_only=True)))
+    return run
 
 
 def read_bytes_per_token(shape, kv_sharing, loops, context, weights, element):
@@ -606,6 +632,80 @@ def budget_table(shape, context, new, chunk, loops, budget, device):
     return rows
 
 
+def prefill_table(shape, contexts, chunk, loops, device):
+    """MELT's prefill of each context length in chunks of `chunk`, one process per row: what
+    it holds beyond the weights and the cache (it must not grow with the context), and the
+    time per token (attention makes it grow linearly with the context, nothing else may)."""
+    cuda = device.startswith('cuda')
+    print(f"\n9. Long prefill: MELT, {loops} loops, chunks of {chunk:,}; one process per row; MB = 10^6 bytes; "
+          f"{'CUDA memory allocated' if cuda else 'peak RSS grown past the process with its weights'}")
+    print(f"   {'context':>8} {'KV MB':>8} {'beyond W+KV MB':>15} {'x at first':>10}"
+          + ('' if cuda else f" {'its tensors MB':>15} {'x at first':>10}")
+          + f" {'prefill s':>10} {'us/token':>9} {'ns/token per 1K of context':>27}")
+    rows = []
+    for context in contexts:  # on CPU the prefill runs twice, the second under the profiler (its tensors' bytes)
+        r = run_child('generate', shape, 'melt', loops, context, 3, chunk, device, '', 1, not cuda)
+        beyond = r['prefill_peak'] - (r['weights'] if cuda else r['base']) - r['kv']
+        rows.append(dict(context=context, beyond=beyond, **r))
+        per_token = r['prefill_s'] / context
+        print(f"   {context:>8,} {r['kv'] / 1e6:>8.1f} {beyond / 1e6:>15.1f} {beyond / rows[0]['beyond']:>10.2f}"
+              + ('' if cuda else f" {r['prefill_tensors'] / 1e6:>15.2f} "
+                                 f"{r['prefill_tensors'] / rows[0]['prefill_tensors']:>10.2f}")
+              + f" {r['prefill_s']:>10.1f} {per_token * 1e6:>9.1f} {per_token * 1e9 / (context / 1024):>27.1f}",
+              flush=True)
+    return rows
+
+
+def longest_context(peak_at, budget, guess):
+    """The longest prompt (a multiple of 64 tokens) whose run peaks within `budget`, and the
+    shortest tried that did not: runs from `guess`, 2% apart, up while they fit and down while
+    they do not, until a fit and an overrun are one step apart (8 runs at most)."""
+    step = max(64, guess // 50 // 64 * 64)
+    fits, over, n = None, None, max(64, guess // 64 * 64)
+    for _ in range(8):
+        if peak_at(n) <= budget:
+            fits = n
+        else:
+            over = n
+        if fits and over and over - fits <= step:
+            break
+        n = fits + step if over is None else over - step if fits is None else (fits + over) // 2 // 64 * 64
+        if n in (fits, over):
+            break
+    return fits, over
+
+
+def context_table(shape, new, chunk, loop_counts, budget, device):
+    """For MELT and the LoopLM at each loop count: the longest prompt whose prefill and `new`
+    decode steps fit `budget` bytes, found by running it in fresh processes. The first guess
+    is the budget left after a 1,024-token run's fixed part, divided by the KV bytes and RoPE
+    rows a token adds; the runs decide."""
+    cuda = device.startswith('cuda')
+    print(f"\n10. Longest context in {budget / 1e9:g} GB ({'CUDA memory allocated' if cuda else 'peak RSS of the process'}): "
+          f"a prompt prefilled in chunks of {chunk}, then {new} greedy tokens; one process per run; MB = 10^6 bytes")
+    print(f"   {'loops':>5} {'mode':>6} {'KV KB/token':>12} {'longest prompt':>15} {'peak GB':>8} {'next tried':>11} "
+          f"{'its peak GB':>12} {'x the LoopLM':>13}")
+    rows, element = {}, 2 if cuda else 4
+    for n in loop_counts:
+        for kv_sharing in ('melt', 'loop'):
+            peaks = {}
+
+            def peak_at(tokens):
+                r = run_child('generate', {**shape, 'block_size': tokens + new}, kv_sharing, n, tokens, new, chunk, device, '')
+                peaks[tokens] = max(r['prefill_peak'], r['decode_peak'])
+                return peaks[tokens]
+            per_token = MELTConfig(**{**shape, 'kv_sharing': kv_sharing}).kv_bytes_per_token(n, element) \
+                + 2 * element * shape['n_embd'] // shape['n_head']  # the cache's rows and RoPE's cos and sin
+            fixed = peak_at(1024) - 1024 * per_token
+            fits, over = longest_context(peak_at, budget, int((budget - fixed) // per_token))
+            rows[n, kv_sharing] = dict(tokens=fits or 0, peak=peaks.get(fits, 0), over=over, over_peak=peaks.get(over, 0))
+            r = rows[n, kv_sharing]
+            ratio = f"{rows[n, 'melt']['tokens'] / r['tokens']:.2f}" if kv_sharing == 'loop' and r['tokens'] else ''
+            print(f"   {n:>5} {kv_sharing:>6} {per_token / 1e3:>12.2f} {r['tokens']:>15,} {r['peak'] / 1e9:>8.3f} "
+                  f"{over or 0:>11,} {r['over_peak'] / 1e9:>12.3f} {ratio:>13}", flush=True)
+    return rows
+
+
 def seconds(fn, device):
     t0 = time.perf_counter()
     fn()
@@ -615,9 +715,17 @@ def seconds(fn, device):
 
 
 def check(cfg):
-    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script', 'batch', 'budget'):
-        raise ValueError(f"--only must be memory, generate, train, phases, compile, train_script, batch or budget, "
-                         f"got {cfg['only']!r}")
+    if cfg['only'] not in ('', 'memory', 'generate', 'train', 'phases', 'compile', 'train_script', 'batch', 'budget',
+                           'prefill', 'context'):
+        raise ValueError(f"--only must be memory, generate, train, phases, compile, train_script, batch, budget, prefill "
+                         f"or context, got {cfg['only']!r}")
+    try:
+        contexts = [int(c) for c in cfg['prefill_contexts'].split(',')]
+    except ValueError:
+        contexts = [0]
+    if min(contexts) < 1:
+        raise ValueError(f"--prefill_contexts must be token counts >= 1 separated by commas, e.g. 8192,32768; "
+                         f"got {cfg['prefill_contexts']!r}")
     if not cfg['memory_budget'] > 0:
         raise ValueError(f"--memory_budget must be > 0 (GB), got {cfg['memory_budget']}")
     if cfg['only'] == 'budget' and cfg['context'] <= cfg['new_tokens']:
@@ -688,6 +796,13 @@ def main(argv):
         budget_table({**shape, 'block_size': max(shape['block_size'], cfg['context'])}, cfg['context'],
                      cfg['new_tokens'], cfg['prefill_chunk'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
                      cfg['memory_budget'] * 1e9, cfg['device'])
+    if cfg['only'] == 'prefill':
+        prefill_table(shape, [int(c) for c in cfg['prefill_contexts'].split(',')], cfg['prefill_chunk'],
+                      loop_counts[-1] if cfg['loops'] else shape['n_loops'], cfg['device'])
+    if cfg['only'] == 'context':
+        check_fits(cfg['memory_budget'] * 1e9, f"--memory_budget={cfg['memory_budget']:g}", cfg['device'])
+        context_table(shape, cfg['new_tokens'], cfg['prefill_chunk'], loop_counts, cfg['memory_budget'] * 1e9,
+                      cfg['device'])
     if cfg['only'] == 'batch':
         batch_table(shape, cfg['prompt_tokens'], cfg['new_tokens'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
                     cfg['device'])

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 MAX_LOOPS = 1024  # our bound: Ouro trains 4 loops; a thousand is a hang, not a run
@@ -151,8 +152,8 @@ class KVGate(nn.Module):
 class Chunk(NamedTuple):
     """Where one chunk of T tokens sits while its loops run (MELT._run_chunk makes it)."""
     rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs), or (B, 1, 1, hs) in decode_step
-    mask: Optional[torch.Tensor]  # (T, n_seen) or (B, 1, 1, n_seen), True where a query may see a key; None: all
-    is_causal: bool  # no earlier tokens: the mask is plain causal, which attention can skip work on
+    mask: Optional[torch.Tensor]  # decode_step's (B, 1, 1, n_seen), True where a query may see a key; None: all
+    causal: bool  # query i sees the keys up to its own position: rows [0, n_seen - T + i] (attend)
     rows: Union[slice, torch.Tensor]  # its rows in the cache: slice(start, start + T), or pos in decode_step
     n_seen: int  # cached rows the chunk attends to, its own included
     recompute_attention: bool  # training past the first chunk: backward recomputes the attention
@@ -196,7 +197,7 @@ class Attention(nn.Module):
         (cache.update). Returns (B, T, nh * hs), before o_proj."""
         B, _, T, _ = q.shape
         keys, values = cache.update(self.layer, loop, chunk.rows, chunk.n_seen, kv_melt, kv_loop)
-        args = (q, keys, values, chunk.mask, chunk.is_causal, self.n_head // self.n_kv_head)
+        args = (q, keys, values, chunk.mask, chunk.causal, self.n_head // self.n_kv_head)
         if chunk.recompute_attention:
             y = checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
         else:
@@ -204,16 +205,36 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
-def attend(q, keys, values, mask, is_causal, group):
+def attend(q, keys, values, mask, causal, group):
     """Attention of q (B, nh, T, hs) over what cache.update returned: keys and values, each a
-    list of (weight, pieces along the token axis) per kind of K/V it holds, mixed by weight."""
+    list of (weight, pieces along the token axis) per kind of K/V it holds, mixed by weight.
+    Grouped K/V (group > 1): query head i uses K/V head i // group, without a copy of them."""
     def mix(sources):
         joined = [(w, p[0] if len(p) == 1 else torch.cat(p, dim=2)) for w, p in sources]
         return joined[0][1] if len(joined) == 1 else sum(w * t for w, t in joined)
     k, v = mix(keys), mix(values)
-    if group > 1:  # grouped K/V: query head i uses K/V head i // group
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # scale hs^-0.5
+    T, S, gqa = q.size(2), k.size(2), group > 1
+    if not causal or T == 1:  # decode_step's mask, or one token that sees every row
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # scale hs^-0.5
+    if T == S:  # the chunk sees only itself
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return lower_right_attention(q, k, v, gqa)
+
+
+def lower_right_attention(q, k, v, gqa=False):
+    """A chunk of T queries over S keys, the last T its own: query i sees keys j <= S - T + i,
+    a causal mask aligned to the lower right. No (T, S) mask is made, so a prefill holds
+    O(chunk) beyond the cache at any context. On CUDA torch's CausalBias runs it on the flash
+    or memory-efficient kernels. Elsewhere the mask is a view of S + T - 1 numbers u (0 up to
+    S - 1, -inf after) with strides (1, 1): with the queries in reverse order, query i' sees
+    key j iff u[i' + j] = 0, i.e. j <= S - 1 - i'. SDPA's kernel reads it tile by tile."""
+    T, S = q.size(2), k.size(2)
+    if q.device.type == 'cuda':
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
+    u = torch.zeros(S + T - 1, dtype=q.dtype, device=q.device)
+    u[S:] = float('-inf')
+    mask = u.as_strided((T, S), (1, 1))
+    return F.scaled_dot_product_attention(q.flip(2), k, v, attn_mask=mask, enable_gqa=gqa).flip(2)
 
 
 class MLP(nn.Module):
@@ -430,7 +451,7 @@ class MELT(nn.Module):
                 x = self.embed_tokens(idx[:, start:start + chunk_size])
                 x, loops_run = self._run_chunk(x, cache, loops, exit_threshold, aux, first=start == 0)
                 cache.commit(x.size(1), loops_run)
-                outputs.append(x[:, -1:] if last_only else x)
+                outputs = [x[:, -1:]] if last_only else outputs + [x]  # last_only holds one chunk's, not every one's
         if return_aux:
             states = [torch.cat(per_chunk, dim=1) for per_chunk in aux['states']]
             return {'states': states,
@@ -454,18 +475,15 @@ class MELT(nn.Module):
         if pos is None:  # the chunk's tokens come after the cache's
             pos = torch.arange(cache.length, cache.length + T, device=x.device)
             rows, n_seen = slice(cache.length, cache.length + T), cache.length + T
-            is_causal = T > 1 and n_seen == T  # the chunk sees only itself
-            mask = None  # query i (position pos[i]) may see keys at positions <= pos[i]
-            if T > 1 and not is_causal:
-                mask = torch.arange(n_seen, device=x.device)[None, :] <= pos[:, None]
+            causal, mask = True, None  # query i (position pos[i]) sees keys at positions <= pos[i]
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs)
         else:  # decode_step: each row's one token at its own position pos (B,), or pos (1,) for all
-            rows, n_seen, is_causal = pos, cache.max_tokens, False
+            rows, n_seen, causal = pos, cache.max_tokens, False
             mask = torch.arange(n_seen, device=x.device) <= pos[:, None, None, None]  # (B, 1, 1, n_seen)
             rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])  # (B, 1, 1, hs)
         training = torch.is_grad_enabled()
         recompute = training and self.recompute_blocks
-        chunk = Chunk(rope, mask, is_causal, rows, n_seen, recompute_attention=training and not first and not recompute)
+        chunk = Chunk(rope, mask, causal, rows, n_seen, recompute_attention=training and not first and not recompute)
         h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
         exit_logits = []  # Q-exit: every loop's, (B, T, 1)
         for loop in range(loops):
