@@ -216,6 +216,8 @@ def test_a_tokenizer_smaller_than_the_model_and_a_teacher_of_another_width(reaso
     ('bench', '--threads=-2', r'--threads must be >= 1 \(or 0 for torch.s default\), got -2'),
     ('bench', '--loops=4,0', r"--loops must be loop counts in \[1, 1024\] separated by commas, e.g. 1,4,8; got '4,0'"),
     ('bench', '--memory_budget=0', r'--memory_budget must be > 0 \(GB\), got 0.0'),
+    ('bench', '--prefill_contexts=8k', r"--prefill_contexts must be token counts >= 1 separated by commas, e.g. "
+                                       r"8192,32768; got '8k'"),
 ])
 def test_values_out_of_range_are_refused(script, flag, match, reason_data, looplm_dir, tmp_path):
     if script == 'train':
