@@ -28,7 +28,6 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 MAX_LOOPS = 1024  # our bound: Ouro trains 4 loops; a thousand is a hang, not a run
@@ -230,6 +229,7 @@ def lower_right_attention(q, k, v, gqa=False):
     key j iff u[i' + j] = 0, i.e. j <= S - 1 - i'. SDPA's kernel reads it tile by tile."""
     T, S = q.size(2), k.size(2)
     if q.device.type == 'cuda':
+        from torch.nn.attention.bias import causal_lower_right  # here: importing it loads torch._dynamo (1.6 s)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
     u = torch.zeros(S + T - 1, dtype=q.dtype, device=q.device)
     u[S:] = float('-inf')
