@@ -753,12 +753,12 @@ def check(cfg):
                          f"got {cfg['loops']!r}")
     if not cfg['kv_sharing'] or not set(cfg['kv_sharing'].split(',')) <= {'melt', 'loop'}:
         raise ValueError(f"--kv_sharing must be melt, loop or melt,loop; got {cfg['kv_sharing']!r}")
-    return counts
+    return counts, contexts
 
 
 def main(argv):
     cfg = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
-    loop_counts = check(cfg)
+    loop_counts, contexts = check(cfg)
     if cfg['threads']:  # this process and the measuring ones it starts
         os.environ['OMP_NUM_THREADS'] = str(cfg['threads'])
         torch.set_num_threads(cfg['threads'])
@@ -797,8 +797,8 @@ def main(argv):
                      cfg['new_tokens'], cfg['prefill_chunk'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
                      cfg['memory_budget'] * 1e9, cfg['device'])
     if cfg['only'] == 'prefill':
-        prefill_table(shape, [int(c) for c in cfg['prefill_contexts'].split(',')], cfg['prefill_chunk'],
-                      loop_counts[-1] if cfg['loops'] else shape['n_loops'], cfg['device'])
+        prefill_table(shape, contexts, cfg['prefill_chunk'], loop_counts[-1] if cfg['loops'] else shape['n_loops'],
+                      cfg['device'])
     if cfg['only'] == 'context':
         check_fits(cfg['memory_budget'] * 1e9, f"--memory_budget={cfg['memory_budget']:g}", cfg['device'])
         context_table(shape, cfg['new_tokens'], cfg['prefill_chunk'], loop_counts, cfg['memory_budget'] * 1e9,

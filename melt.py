@@ -151,8 +151,8 @@ class KVGate(nn.Module):
 class Chunk(NamedTuple):
     """Where one chunk of T tokens sits while its loops run (MELT._run_chunk makes it)."""
     rope: tuple  # (cos, sin) of the chunk's positions, each (T, hs), or (B, 1, 1, hs) in decode_step
-    mask: Optional[torch.Tensor]  # decode_step's (B, 1, 1, n_seen), True where a query may see a key; None: all
-    causal: bool  # query i sees the keys up to its own position: rows [0, n_seen - T + i] (attend)
+    mask: Optional[torch.Tensor]  # decode_step's (B, 1, 1, n_seen), True where a query may see a key; None:
+    # causal, query i sees the rows up to its own position, [0, n_seen - T + i] (attend)
     rows: Union[slice, torch.Tensor]  # its rows in the cache: slice(start, start + T), or pos in decode_step
     n_seen: int  # cached rows the chunk attends to, its own included
     recompute_attention: bool  # training past the first chunk: backward recomputes the attention
@@ -196,7 +196,7 @@ class Attention(nn.Module):
         (cache.update). Returns (B, T, nh * hs), before o_proj."""
         B, _, T, _ = q.shape
         keys, values = cache.update(self.layer, loop, chunk.rows, chunk.n_seen, kv_melt, kv_loop)
-        args = (q, keys, values, chunk.mask, chunk.causal, self.n_head // self.n_kv_head)
+        args = (q, keys, values, chunk.mask, self.n_head // self.n_kv_head)
         if chunk.recompute_attention:
             y = checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
         else:
@@ -204,7 +204,7 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
-def attend(q, keys, values, mask, causal, group):
+def attend(q, keys, values, mask, group):
     """Attention of q (B, nh, T, hs) over what cache.update returned: keys and values, each a
     list of (weight, pieces along the token axis) per kind of K/V it holds, mixed by weight.
     Grouped K/V (group > 1): query head i uses K/V head i // group, without a copy of them."""
@@ -213,7 +213,7 @@ def attend(q, keys, values, mask, causal, group):
         return joined[0][1] if len(joined) == 1 else sum(w * t for w, t in joined)
     k, v = mix(keys), mix(values)
     T, S, gqa = q.size(2), k.size(2), group > 1
-    if not causal or T == 1:  # decode_step's mask, or one token that sees every row
+    if mask is not None or T == 1:  # decode_step's mask, or one token that sees every row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # scale hs^-0.5
     if T == S:  # the chunk sees only itself
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -475,15 +475,15 @@ class MELT(nn.Module):
         if pos is None:  # the chunk's tokens come after the cache's
             pos = torch.arange(cache.length, cache.length + T, device=x.device)
             rows, n_seen = slice(cache.length, cache.length + T), cache.length + T
-            causal, mask = True, None  # query i (position pos[i]) sees keys at positions <= pos[i]
+            mask = None  # causal: query i (position pos[i]) sees keys at positions <= pos[i]
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs)
         else:  # decode_step: each row's one token at its own position pos (B,), or pos (1,) for all
-            rows, n_seen, causal = pos, cache.max_tokens, False
+            rows, n_seen = pos, cache.max_tokens
             mask = torch.arange(n_seen, device=x.device) <= pos[:, None, None, None]  # (B, 1, 1, n_seen)
             rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])  # (B, 1, 1, hs)
         training = torch.is_grad_enabled()
         recompute = training and self.recompute_blocks
-        chunk = Chunk(rope, mask, causal, rows, n_seen, recompute_attention=training and not first and not recompute)
+        chunk = Chunk(rope, mask, rows, n_seen, recompute_attention=training and not first and not recompute)
         h = [None] * self.config.n_layer  # per layer: MELT's latent of the loop before
         exit_logits = []  # Q-exit: every loop's, (B, T, 1)
         for loop in range(loops):
